@@ -1,0 +1,2 @@
+"""neural-rdm: Neural Residual Diffusion Models in PyTorch."""
+__version__ = "0.1.0"

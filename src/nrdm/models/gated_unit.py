@@ -1,0 +1,260 @@
+"""The gated residual unit: every residual update of every backbone goes through `GatedResidual`.
+
+One formula covers all residual variants the paper compares (SPEC section 2):
+
+    z' = skip * z  +  gate * f( in_scale * n(z) + in_shift )  +  out_shift
+
+where `n` is the unit's normalisation, `f` its branch body (attention, MLP, conv block, ...)
+and each coefficient is either a constant (1 or 0) or a gate produced from the conditioning.
+A variant is the choice of which coefficients are gates:
+
+    variant       update                                      gates (slot -> role, start value)
+    nrdm     (0)  z + alpha(c) f(n(z)) + beta(c)              alpha -> gate 0, beta -> out_shift 0
+    adaln    (1)  z + f(alpha(c) n(z) + beta(c))              alpha -> in_scale 1, beta -> in_shift 0
+    scaled-skip(2) alpha(c) z + f(n(z)) + beta(c)             alpha -> skip 1, beta -> out_shift 0
+    resnet   (3)  z + f(n(z))                                 none
+    rezero   (4)  z + a f(n(z)), a a learned scalar           alpha -> gate 0 (static, scalar)
+    adaln-zero    z + g(c) f(n(z) (1 + s(c)) + b(c))          gate -> gate 0, scale -> in_scale 1,
+                                                              shift -> in_shift 0
+The modulating variants (adaln, adaln-zero) modulate the normalised input, as DiT does; with
+`n = Identity` the adaln update is literally `z + f(alpha z + beta)`.
+
+Gates are computed as `start value + raw(c)` where `raw` comes from a `GateGenerator` whose
+parameters start at zero, so every variant starts at its start values: nrdm, rezero and
+adaln-zero start as the identity map. `gate_init` ("zero"/"one") overrides the start value
+of the first slot (alpha, or adaln-zero's gate).
+
+How the conditioning reaches each variant: through the gates when `gate_source="cond"` and the
+variant has gates (nrdm, adaln, scaled-skip, adaln-zero). resnet and rezero have no conditioned
+parameters, and `gate_source="tdp"` gates see only the diffusion time; for those
+`UnitConfig.gates_see_condition` is False and the backbones add the conditioning vector to
+their input features (see each backbone's `input_conditioning`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from nrdm.models.layers import explicit_attention
+
+# variant -> ((slot name, role, start value), ...)
+VARIANT_SLOTS: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "nrdm": (("alpha", "gate", 0.0), ("beta", "out_shift", 0.0)),
+    "adaln": (("alpha", "in_scale", 1.0), ("beta", "in_shift", 0.0)),
+    "scaled-skip": (("alpha", "skip", 1.0), ("beta", "out_shift", 0.0)),
+    "resnet": (),
+    "rezero": (("alpha", "gate", 0.0),),
+    "adaln-zero": (("gate", "gate", 0.0), ("scale", "in_scale", 1.0), ("shift", "in_shift", 0.0)),
+}
+VARIANTS = tuple(VARIANT_SLOTS)
+VARIANT_IDS = {0: "nrdm", 1: "adaln", 2: "scaled-skip", 3: "resnet", 4: "rezero"}
+GATE_INITS = ("auto", "zero", "one")
+GATE_SOURCES = ("cond", "tdp", "static")
+GATE_SHAPES = ("channel", "scalar")
+MODULATING_VARIANTS = ("adaln", "adaln-zero")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True)
+class UnitConfig:
+    """How every residual unit of a model combines its branch with the skip path.
+
+    variant:     one of VARIANTS (an int 0-4 is accepted for the paper's numbering)
+    gate_init:   "auto" (the variant's own start value), "zero" or "one" for alpha / adaln-zero's gate
+    gate_source: "cond"   per-unit zero-initialised linear head on SiLU(c)
+                 "tdp"    DiMR time-dependent parameters: p(tau) = s p0 + (1 - s) p1,
+                          s = sigmoid((1 + w') tau + b), tau = 2n/T - 1 (time only, no MLP)
+                 "static" a learned constant (not conditioned)
+    gate_shape:  "channel" (one value per channel) or "scalar" (one per unit)
+    rezero always uses a static scalar gate, as in the ReZero paper.
+    """
+
+    variant: str = "nrdm"
+    gate_init: str = "auto"
+    gate_source: str = "cond"
+    gate_shape: str = "channel"
+
+    def __post_init__(self):
+        if isinstance(self.variant, int) and self.variant in VARIANT_IDS:
+            object.__setattr__(self, "variant", VARIANT_IDS[self.variant])
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("gate_init", self.gate_init, GATE_INITS)
+        _check_choice("gate_source", self.gate_source, GATE_SOURCES)
+        _check_choice("gate_shape", self.gate_shape, GATE_SHAPES)
+        if self.variant == "rezero":
+            object.__setattr__(self, "gate_source", "static")
+            object.__setattr__(self, "gate_shape", "scalar")
+
+    @classmethod
+    def parse(cls, unit: "UnitConfig | str | int | dict") -> "UnitConfig":
+        if isinstance(unit, UnitConfig):
+            return unit
+        if isinstance(unit, dict):
+            return cls(**unit)
+        return cls(variant=unit)
+
+    def with_(self, **changes) -> "UnitConfig":
+        return replace(self, **changes)
+
+    @property
+    def slots(self) -> tuple[tuple[str, str, float], ...]:
+        slots = VARIANT_SLOTS[self.variant]
+        if slots and self.gate_init != "auto":
+            name, role, _ = slots[0]
+            slots = ((name, role, 0.0 if self.gate_init == "zero" else 1.0),) + slots[1:]
+        return slots
+
+    @property
+    def gates_see_condition(self) -> bool:
+        """True when the full conditioning vector (time and class/text) reaches the units through
+        their gates; otherwise the backbone must inject it into its input features."""
+        return bool(self.slots) and self.gate_source == "cond"
+
+    @property
+    def norm_affine(self) -> bool:
+        """Modulating variants replace the norm's own affine transform by the modulation."""
+        return self.variant not in MODULATING_VARIANTS
+
+
+class Conditioning(NamedTuple):
+    """What the gates may look at.
+
+    vec: (B, D) conditioning vector c (time embedding, plus class or pooled text embedding)
+    tau: (B,) diffusion time rescaled to [-1, 1] as tau = 2n/T - 1 (for gate_source="tdp")
+    """
+
+    vec: torch.Tensor
+    tau: torch.Tensor
+
+
+class GateGenerator(nn.Module):
+    """phi: conditioning -> raw gate values (B or 1, n_slots, width); all parameters that the raw
+    values depend on start at zero, so raw = 0 at initialisation."""
+
+    def __init__(self, n_slots: int, channels: int, cond_dim: int, source: str, shape: str):
+        super().__init__()
+        self.source = source
+        width = channels if shape == "channel" else 1
+        self.n_slots, self.width = n_slots, width
+        if source == "cond":
+            self.head = nn.Linear(cond_dim, n_slots * width)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif source == "tdp":
+            # DiMR: p0 = p1 = the usual init (here raw 0), w = 1 + w', w' = b = 0 at init.
+            # These parameters are kept out of weight decay (see no_weight_decay()).
+            self.tdp_p0 = nn.Parameter(torch.zeros(n_slots, width))
+            self.tdp_p1 = nn.Parameter(torch.zeros(n_slots, width))
+            self.tdp_w = nn.Parameter(torch.zeros(n_slots, 1))
+            self.tdp_b = nn.Parameter(torch.zeros(n_slots, 1))
+        else:
+            self.value = nn.Parameter(torch.zeros(n_slots, width))
+
+    def forward(self, cond: Conditioning) -> torch.Tensor:
+        if self.source == "cond":
+            raw = self.head(nn.functional.silu(cond.vec))                         # (B, n*W)
+            return raw.view(-1, self.n_slots, self.width)                          # (B, n, W)
+        if self.source == "tdp":
+            tau = cond.tau.float()[:, None, None]                                  # (B, 1, 1)
+            s = torch.sigmoid((1.0 + self.tdp_w) * tau + self.tdp_b)               # (B, n, 1)
+            return s * self.tdp_p0 + (1.0 - s) * self.tdp_p1                       # (B, n, W)
+        return self.value[None]                                                    # (1, n, W)
+
+    def no_weight_decay(self) -> list[str]:
+        return ["tdp_p0", "tdp_p1", "tdp_w", "tdp_b"] if self.source == "tdp" else []
+
+
+class GatedResidual(nn.Module):
+    """One residual update z -> z' of the chosen variant around branch `body` (see module doc).
+
+    body:         the residual branch f (its input is the normalised, possibly modulated z)
+    channels:     size of the channel axis the gates act on
+    cond_dim:     size of the conditioning vector c
+    make_norm:    factory `affine -> nn.Module` for the normalisation n in front of the branch
+    channel_axis: -1 for tokens (B, N, C), 1 for feature maps (B, C, H, W)
+    """
+
+    def __init__(self, body: nn.Module, channels: int, cond_dim: int, unit: UnitConfig,
+                 make_norm: Callable[[bool], nn.Module], channel_axis: int = -1):
+        super().__init__()
+        self.unit = unit
+        self.channel_axis = channel_axis
+        self.slots = unit.slots
+        self.roles = {role: i for i, (_, role, _) in enumerate(self.slots)}
+        self.register_buffer("start", torch.tensor([start for _, _, start in self.slots]), persistent=False)
+        self.norm = make_norm(unit.norm_affine)
+        self.body = body
+        self.gates = (GateGenerator(len(self.slots), channels, cond_dim, unit.gate_source, unit.gate_shape)
+                      if self.slots else None)
+        self.tracer = None  # set by nrdm.models.tracing.UnitTracer; None costs nothing
+
+    # -- pieces -------------------------------------------------------------------------------
+    def gate_values(self, cond: Conditioning, ndim: int) -> dict[str, torch.Tensor]:
+        """role -> gate tensor shaped to broadcast against a z with `ndim` dims."""
+        if self.gates is None:
+            return {}
+        values = self.gates(cond) + self.start[:, None]                       # (B|1, n, W)
+        shape = [values.shape[0]] + [1] * (ndim - 1)
+        shape[self.channel_axis] = values.shape[-1]
+        return {role: values[:, i].reshape(shape) for role, i in self.roles.items()}
+
+    def branch(self, z: torch.Tensor, g: dict[str, torch.Tensor]) -> torch.Tensor:
+        """f(in_scale * n(z) + in_shift): the branch output before the output gate."""
+        h = self.norm(z)
+        if "in_scale" in g:
+            h = h * g["in_scale"]
+        if "in_shift" in g:
+            h = h + g["in_shift"]
+        return self.body(h)
+
+    # -- the update ---------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        g = self.gate_values(cond, z.ndim)
+        update = self.branch(z, g)
+        if "gate" in g:
+            update = g["gate"] * update
+        out = g["skip"] * z + update if "skip" in g else z + update
+        if "out_shift" in g:
+            out = out + g["out_shift"]
+        if self.tracer is not None:
+            self.tracer.record(self, z, cond, g, update)
+        return out
+
+    # -- residual sensitivity (SPEC section 3) -------------------------------------------------
+    def sensitivity(self, z: torch.Tensor, cond: Conditioning, probe: torch.Tensor) -> torch.Tensor:
+        """Per-sample Hutchinson estimate of ||alpha J - beta I||_F^2 / D at input z.
+
+        J = d branch / d z is the branch Jacobian (D x D per sample, D = z[0].numel()), alpha the
+        gate on the branch (1 where the variant has none) and beta the output shift (0 where
+        none). With E[v v^T] = I:  E_v ||alpha (J v) - beta v||^2 = ||alpha J - beta I||_F^2.
+        J v is one forward-mode Jacobian-vector product. Returns (B,); differentiable w.r.t.
+        the gates and the branch parameters (z is treated as a constant).
+        """
+        g = self.gate_values(cond, z.ndim)
+        with explicit_attention():
+            _, jv = torch.func.jvp(lambda zz: self.branch(zz, g), (z.detach(),), (probe,))
+        residual = jv * g["gate"] if "gate" in g else jv
+        if "out_shift" in g:
+            residual = residual - g["out_shift"] * probe
+        return residual.pow(2).flatten(1).sum(1) / z[0].numel()
+
+
+def gated_units(model: nn.Module) -> list[GatedResidual]:
+    """All gated residual units of a model (through DDP/compile wrappers), in registration order."""
+    return [m for m in model.modules() if isinstance(m, GatedResidual)]
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters to keep out of weight decay: DiMR's time-dependent parameters."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, GateGenerator):
+            names.update(f"{prefix}.{n}" for n in module.no_weight_decay())
+    return names

@@ -1,0 +1,106 @@
+"""Named model sizes, one constructor for every backbone, and parameter / FLOP counts.
+
+    build_model("DiT-S/2", image_size=32, in_channels=4, num_classes=1000, variant="nrdm")
+    build_model(backbone="unet", width=32, depth=1, variant="resnet")
+
+Sizes give backbone, width, depth, heads (and patch); anything else is a keyword. Depth can be
+overridden independently of width for depth-only sweeps.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from nrdm.models.flow_transformer import FlowTransformer
+from nrdm.models.gated_unit import UnitConfig
+from nrdm.models.layers import explicit_attention
+from nrdm.models.u_transformer import UShapedTransformer
+from nrdm.models.unet import UNet
+
+BACKBONES: dict[str, type[nn.Module]] = {
+    "flow": FlowTransformer,          # DiT-like
+    "u-transformer": UShapedTransformer,  # U-ViT-like
+    "unet": UNet,                     # conv U-Net
+}
+UNIT_KEYS = ("variant", "gate_init", "gate_source", "gate_shape")
+
+
+def _sizes() -> dict[str, dict]:
+    sizes: dict[str, dict] = {}
+    # DiT (Peebles & Xie 2023, table 1): depth, width, heads
+    for name, (depth, width, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+                                        "XL": (28, 1152, 16)}.items():
+        for patch in (2, 4, 8):
+            sizes[f"DiT-{name}/{patch}"] = dict(backbone="flow", depth=depth, width=width, heads=heads,
+                                                patch_size=patch)
+    # U-ViT (Bao et al. 2023): total depth, width, heads
+    for name, (depth, width, heads) in {"S": (13, 512, 8), "M": (17, 768, 12), "L": (21, 1024, 16),
+                                        "H": (29, 1152, 16)}.items():
+        for patch in (2, 4):
+            sizes[f"U-ViT-{name}/{patch}"] = dict(backbone="u-transformer", depth=depth, width=width,
+                                                  heads=heads, patch_size=patch)
+    # conv U-Nets
+    sizes["UNet-S"] = dict(backbone="unet", width=64, channel_mult=(1, 2, 2), depth=2, heads=4)
+    sizes["UNet-B"] = dict(backbone="unet", width=128, channel_mult=(1, 2, 2, 2), depth=2, heads=4)
+    # tiny CPU sizes (tests, quickstarts)
+    sizes["DiT-T/2"] = dict(backbone="flow", depth=4, width=64, heads=4, patch_size=2)
+    sizes["DiT-T/4"] = dict(backbone="flow", depth=4, width=64, heads=4, patch_size=4)
+    sizes["U-ViT-T/2"] = dict(backbone="u-transformer", depth=5, width=64, heads=4, patch_size=2)
+    sizes["UNet-T"] = dict(backbone="unet", width=16, channel_mult=(1, 2), depth=1, heads=2)
+    return sizes
+
+
+MODEL_SIZES = _sizes()
+
+
+def build_model(size: str | None = None, **kwargs) -> nn.Module:
+    """Build a backbone from a registry size and/or explicit keywords (which win over the size).
+
+    Unit keywords (variant, gate_init, gate_source, gate_shape) may be given flat or as
+    `unit=UnitConfig(...)`.
+    """
+    spec: dict = {}
+    if size is not None:
+        if size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {size!r}; allowed: {', '.join(MODEL_SIZES)}")
+        spec.update(MODEL_SIZES[size])
+    spec.update(kwargs)
+    backbone = spec.pop("backbone", None)
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
+    unit = UnitConfig.parse(spec.pop("unit", "nrdm"))
+    unit_changes = {k: spec.pop(k) for k in UNIT_KEYS if k in spec}
+    if unit_changes:
+        unit = UnitConfig(**{**unit.__dict__, **unit_changes})
+    cls = BACKBONES[backbone]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "unit")]
+    unknown = sorted(set(spec) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for backbone {backbone!r}; "
+                         f"valid: {', '.join(accepted + list(UNIT_KEYS))}")
+    return cls(unit=unit, **spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, batch: int = 1) -> int:
+    """Forward FLOPs for `batch` samples (a multiply-add counts 2, PyTorch's convention).
+
+    DiT/fvcore report multiply-adds as "flops": divide by 2 to compare with their tables.
+    """
+    x, t, labels = model.example_inputs(batch)
+    with explicit_attention(), FlopCounterMode(display=False) as counter:
+        model(x, t, labels)
+    return counter.get_total_flops()
+
+
+def model_summary(model: nn.Module) -> dict:
+    flops = count_flops(model)
+    return {"backbone": type(model).__name__, "variant": model.unit.variant, "params": count_parameters(model),
+            "gflops": flops / 1e9, "gmacs": flops / 2e9}

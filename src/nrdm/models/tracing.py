@@ -1,0 +1,84 @@
+"""Looking inside the gated units during one forward/backward pass.
+
+`UnitTracer` attaches to (a subset of) a model's `GatedResidual` units for the duration of a
+`with` block. Units without a tracer pay one `is None` check, so diagnostics cost nothing when off.
+
+It serves two clients:
+- the sensitivity penalty (`keep_inputs=True`): the input z_i and conditioning of each traced
+  unit, to evaluate ||alpha_i J_i - beta_i I||^2 after the forward pass;
+- diagnostics (`stats=True`): per unit, in call (depth) order,
+    adjoint_norm   ||dL/dz_i||, the residual sensitivity (filled in by loss.backward())
+    update_ratio   ||gated branch term|| / ||z_i||, e.g. ||alpha_i f_i(z_i)|| / ||z_i|| for nrdm
+    <slot>_mean / <slot>_std  statistics of each gate (alpha, beta, ...) over batch and channels
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nrdm.models.gated_unit import Conditioning, GatedResidual, gated_units
+
+
+@dataclass
+class UnitRecord:
+    unit: GatedResidual
+    z: torch.Tensor | None = None          # detached input (keep_inputs)
+    cond: Conditioning | None = None       # conditioning, still in the graph (keep_inputs)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class UnitTracer:
+    """Context manager that records what the traced units see in the next forward pass.
+
+    A unit called more than once inside the block (e.g. recomputed by gradient checkpointing)
+    keeps its first record.
+    """
+
+    def __init__(self, model: nn.Module, units: list[GatedResidual] | None = None,
+                 keep_inputs: bool = False, stats: bool = False):
+        self.units = gated_units(model) if units is None else list(units)
+        self.keep_inputs, self.stats = keep_inputs, stats
+        self.records: list[UnitRecord] = []
+        self._seen: set[int] = set()
+
+    def __enter__(self) -> "UnitTracer":
+        for unit in self.units:
+            if unit.tracer is not None:
+                raise RuntimeError("a GatedResidual unit is already being traced; nested tracers are not supported")
+            unit.tracer = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for unit in self.units:
+            unit.tracer = None
+
+    def record(self, unit: GatedResidual, z: torch.Tensor, cond: Conditioning,
+               gates: dict[str, torch.Tensor], update: torch.Tensor) -> None:
+        if id(unit) in self._seen:
+            return
+        self._seen.add(id(unit))
+        rec = UnitRecord(unit)
+        if self.keep_inputs:
+            rec.z, rec.cond = z.detach(), cond
+        if self.stats:
+            with torch.no_grad():
+                rec.stats["update_ratio"] = float(update.float().norm() / z.float().norm().clamp_min(1e-12))
+                for name, role, _ in unit.slots:
+                    value = gates[role].float()
+                    rec.stats[f"{name}_mean"] = float(value.mean())
+                    rec.stats[f"{name}_std"] = float(value.std()) if value.numel() > 1 else 0.0
+            if z.requires_grad:
+                z.register_hook(lambda grad, stats=rec.stats: stats.__setitem__(
+                    "adjoint_norm", float(grad.float().norm())))
+        self.records.append(rec)
+
+    def diagnostics(self) -> dict[str, list]:
+        """Per-unit statistics as lists in call (depth) order: JSON-ready for the trainer's log.
+        Keys missing for a unit (a variant without that gate; adjoint before backward) are None."""
+        keys = sorted({k for rec in self.records for k in rec.stats})
+        out: dict[str, list] = {"unit_variant": [rec.unit.unit.variant for rec in self.records]}
+        for key in keys:
+            out[key] = [rec.stats.get(key) for rec in self.records]
+        return out

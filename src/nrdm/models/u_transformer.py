@@ -1,0 +1,84 @@
+"""U-shaped transformer (U-ViT-like): time/class tokens + patch tokens, in-blocks, a middle,
+out-blocks that fuse their long skip by Linear(concat(z, skip)); every residual update is a
+gated unit. Optional ScaleLong skip scaling."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nrdm.models.blocks import (Backbone, ConditionEmbedder, LongSkipScaler, TransformerBlock,
+                                wants_input_conditioning)
+from nrdm.models.gated_unit import UnitConfig
+from nrdm.models.layers import check_heads, check_patch, unpatchify
+
+
+class UShapedTransformer(Backbone):
+    """depth = total number of transformer blocks: (depth-1)//2 in-blocks, the same number of
+    out-blocks (each with one long skip), and the rest (1 or 2 blocks) in the middle.
+
+    The conditioning reaches every variant as extra tokens (time token, class token), as in
+    U-ViT, and additionally through the gates of the variants that have conditioned gates.
+    skip_scaling: "none" | "constant" (kappa^(i-1), i = 1 outermost) | "learned" (shared SE gate).
+    input_conditioning "on" additionally adds Linear(c) to the patch tokens ("auto" = off here,
+    because the condition tokens already reach every variant).
+    """
+
+    def __init__(self, image_size: int = 32, in_channels: int = 4, patch_size: int = 2, width: int = 512,
+                 depth: int = 13, heads: int = 8, mlp_ratio: float = 4.0, num_classes: int = 0,
+                 unit: UnitConfig | str = "nrdm", skip_scaling: str = "none", skip_kappa: float = 0.5,
+                 input_conditioning: str = "auto", num_timesteps: int = 1000):
+        super().__init__()
+        check_patch(image_size, patch_size)
+        check_heads(width, heads)
+        if depth < 3:
+            raise ValueError(f"a U-shaped transformer needs depth >= 3 (in-block, middle, out-block), got {depth}")
+        self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
+        self.num_classes, self.num_timesteps = num_classes, num_timesteps
+        self.unit = UnitConfig.parse(unit)
+        n_side = (depth - 1) // 2
+        n_tokens = (image_size // patch_size) ** 2
+        self.n_extra = 1 + (num_classes > 0)                     # time token (+ class token)
+
+        self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.n_extra + n_tokens, width))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.embed = ConditionEmbedder(width, num_classes, num_timesteps)
+        wants = input_conditioning != "auto" and wants_input_conditioning(input_conditioning, self.unit)
+        self.cond_in = nn.Linear(width, width) if wants else None
+
+        def block():
+            return TransformerBlock(width, heads, mlp_ratio, width, self.unit)
+
+        self.in_blocks = nn.ModuleList(block() for _ in range(n_side))
+        self.mid_blocks = nn.ModuleList(block() for _ in range(depth - 2 * n_side))
+        self.out_blocks = nn.ModuleList(block() for _ in range(n_side))
+        self.skip_fuse = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(n_side))
+        self.skip_scale = LongSkipScaler(skip_scaling, width, skip_kappa, channel_axis=-1)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, patch_size * patch_size * in_channels)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.out_conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        cond, t_emb, y_emb = self.embed(t, labels)
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)            # (B, N, D)
+        if self.cond_in is not None:
+            patches = patches + self.cond_in(cond.vec)[:, None]
+        extra = [t_emb[:, None]] + ([y_emb[:, None]] if y_emb is not None else [])
+        z = torch.cat(extra + [patches], dim=1) + self.pos_embed            # (B, E+N, D)
+
+        skips = []
+        for block in self.in_blocks:
+            z = block(z, cond)                                               # (B, E+N, D)
+            skips.append(z)
+        for block in self.mid_blocks:
+            z = block(z, cond)
+        for block, fuse in zip(self.out_blocks, self.skip_fuse):
+            index = len(skips)                                               # innermost first: N, ..., 1
+            skip = self.skip_scale(skips.pop(), index)
+            z = block(fuse(torch.cat([z, skip], dim=-1)), cond)              # (B, E+N, D)
+
+        out = self.head(self.norm(z[:, self.n_extra:]))                     # (B, N, p*p*C)
+        return self.out_conv(unpatchify(out, self.patch_size, self.in_channels))  # (B, C, H, W)

@@ -1,0 +1,131 @@
+"""U-shaped conv net (U-Net): residual conv units at several resolutions, attention units at low
+resolution, one long skip per down-path unit. Every residual update is a gated unit; channel
+changes happen outside the units (strided / upsampling convs and 1x1 skip-fusion convs)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nrdm.models.blocks import Backbone, ConditionEmbedder, LongSkipScaler, wants_input_conditioning
+from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig
+from nrdm.models.layers import ConvBranch, SpatialAttention, check_heads, group_norm
+
+
+def _norm(channels: int):
+    return lambda affine: group_norm(channels, affine)
+
+
+class Stage(nn.Module):
+    """A conv unit, optionally followed by an attention unit, at one resolution."""
+
+    def __init__(self, channels: int, cond_dim: int, unit: UnitConfig, attention: bool, heads: int,
+                 dropout: float):
+        super().__init__()
+        self.conv = GatedResidual(ConvBranch(channels, dropout), channels, cond_dim, unit, _norm(channels),
+                                  channel_axis=1)
+        self.attn = (GatedResidual(SpatialAttention(channels, heads), channels, cond_dim, unit, _norm(channels),
+                                   channel_axis=1) if attention else None)
+
+    def forward(self, h: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        h = self.conv(h, cond)                                               # (B, C, H, W)
+        return self.attn(h, cond) if self.attn is not None else h
+
+
+class UNet(Backbone):
+    """width: channels at full resolution; channel_mult: per-level multipliers (one level per
+    entry, resolution halves between levels); depth: conv units per level; attention at every
+    level whose resolution is <= attention_resolution, and in the middle.
+
+    input_conditioning "auto": for variants whose gates do not see c (resnet, rezero, time-only
+    gates), Linear(c) is added per channel to the stem's output, from where the residual stream
+    carries it through the net.
+    """
+
+    def __init__(self, image_size: int = 32, in_channels: int = 3, width: int = 64,
+                 channel_mult: tuple[int, ...] = (1, 2, 2), depth: int = 2, heads: int = 4,
+                 attention_resolution: int = 16, dropout: float = 0.0, num_classes: int = 0,
+                 unit: UnitConfig | str = "nrdm", skip_scaling: str = "none", skip_kappa: float = 0.5,
+                 input_conditioning: str = "auto", num_timesteps: int = 1000, patch_size: int = 1):
+        super().__init__()
+        if patch_size != 1:
+            raise ValueError(f"the conv U-Net works on pixels/latents directly; patch_size must be 1, got {patch_size}")
+        levels = len(channel_mult)
+        if levels < 1 or depth < 1:
+            raise ValueError(f"UNet needs at least one level and depth >= 1, got channel_mult={channel_mult}, depth={depth}")
+        if image_size % 2 ** (levels - 1):
+            raise ValueError(f"image_size={image_size} must be divisible by 2^(levels-1) = {2 ** (levels - 1)} "
+                             f"for channel_mult={tuple(channel_mult)}; use fewer levels or another size")
+        channels = [width * m for m in channel_mult]
+        for ch in channels:
+            check_heads(ch, heads)
+        self.image_size, self.in_channels, self.patch_size = image_size, in_channels, 1
+        self.num_classes, self.num_timesteps = num_classes, num_timesteps
+        self.unit = UnitConfig.parse(unit)
+        cond_dim = 4 * width
+
+        self.embed = ConditionEmbedder(cond_dim, num_classes, num_timesteps)
+        self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.cond_in = (nn.Linear(cond_dim, channels[0])
+                        if wants_input_conditioning(input_conditioning, self.unit) else None)
+
+        def stage(ch, level):
+            attn = image_size // 2 ** level <= attention_resolution
+            return Stage(ch, cond_dim, self.unit, attn, heads, dropout)
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for level, ch in enumerate(channels):
+            self.down.append(nn.ModuleList(stage(ch, level) for _ in range(depth)))
+            if level < levels - 1:
+                self.downsample.append(nn.Conv2d(ch, channels[level + 1], 3, stride=2, padding=1))
+        self.middle = Stage(channels[-1], cond_dim, self.unit, True, heads, dropout)
+        self.middle_conv = GatedResidual(ConvBranch(channels[-1], dropout), channels[-1], cond_dim, self.unit,
+                                         _norm(channels[-1]), channel_axis=1)
+        self.up = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level in reversed(range(levels)):
+            ch = channels[level]
+            self.fuse.append(nn.ModuleList(nn.Conv2d(2 * ch, ch, 1) for _ in range(depth)))
+            self.up.append(nn.ModuleList(stage(ch, level) for _ in range(depth)))
+            if level > 0:
+                self.upsample.append(nn.Conv2d(ch, channels[level - 1], 3, padding=1))
+        self.skip_scale = LongSkipScaler(skip_scaling, channels[0], skip_kappa, channel_axis=1) \
+            if skip_scaling != "learned" else nn.ModuleList(
+                LongSkipScaler("learned", ch, channel_axis=1) for ch in channels)
+        self.out_norm = group_norm(channels[0])
+        self.out_conv = nn.Conv2d(channels[0], in_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def _scale_skip(self, skip: torch.Tensor, index: int, level: int) -> torch.Tensor:
+        if isinstance(self.skip_scale, nn.ModuleList):        # learned: one gate per level, shared by its skips
+            return self.skip_scale[level](skip, index)
+        return self.skip_scale(skip, index)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        cond, _, _ = self.embed(t, labels)                                   # c: (B, 4*width)
+        h = self.stem(x)                                                     # (B, C0, H, W)
+        if self.cond_in is not None:
+            h = h + self.cond_in(cond.vec)[:, :, None, None]
+        skips = []
+        for level, stages in enumerate(self.down):
+            for stage in stages:
+                h = stage(h, cond)                                           # (B, C_l, H/2^l, W/2^l)
+                skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)                                # (B, C_l+1, H/2^(l+1), ...)
+        h = self.middle_conv(self.middle(h, cond), cond)                     # (B, C_L, ., .)
+        levels = len(self.down)
+        for i, (fuses, stages) in enumerate(zip(self.fuse, self.up)):
+            level = levels - 1 - i
+            for fuse, stage in zip(fuses, stages):
+                index = len(skips)                                           # innermost first: N, ..., 1
+                skip = self._scale_skip(skips.pop(), index, level)
+                h = stage(fuse(torch.cat([h, skip], dim=1)), cond)           # (B, C_l, H/2^l, W/2^l)
+            if level > 0:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+                h = self.upsample[i](h)                                      # (B, C_l-1, ., .)
+        return self.out_conv(F.silu(self.out_norm(h)))                       # (B, C, H, W)
