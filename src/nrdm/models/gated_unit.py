@@ -239,7 +239,7 @@ class GatedResidual(nn.Module):
         """
         g = self.gate_values(cond, z.ndim)
         with explicit_attention():
-            _, jv = torch.func.jvp(lambda zz: self.branch(zz, g), (z.detach(),), (probe,))
+            _, jv = torch.func.jvp(lambda zz: self.branch(zz, g), (z.detach().contiguous(),), (probe.contiguous(),))
         residual = jv * g["gate"] if "gate" in g else jv
         if "out_shift" in g:
             residual = residual - g["out_shift"] * probe

@@ -37,9 +37,13 @@ class UnitTracer:
     """
 
     def __init__(self, model: nn.Module, units: list[GatedResidual] | None = None,
-                 keep_inputs: bool = False, stats: bool = False):
+                 keep_inputs: bool | list[GatedResidual] = False, stats: bool = False):
+        """units: the units to trace (default all); keep_inputs: True for all traced units, or
+        the list of units whose inputs to keep; stats: collect diagnostics."""
         self.units = gated_units(model) if units is None else list(units)
-        self.keep_inputs, self.stats = keep_inputs, stats
+        keep = self.units if keep_inputs is True else (keep_inputs or [])
+        self._keep = {id(u) for u in keep}
+        self.stats = stats
         self.records: list[UnitRecord] = []
         self._seen: set[int] = set()
 
@@ -60,7 +64,7 @@ class UnitTracer:
             return
         self._seen.add(id(unit))
         rec = UnitRecord(unit)
-        if self.keep_inputs:
+        if id(unit) in self._keep:
             rec.z, rec.cond = z.detach(), cond
         if self.stats:
             with torch.no_grad():
@@ -73,6 +77,11 @@ class UnitTracer:
                 z.register_hook(lambda grad, stats=rec.stats: stats.__setitem__(
                     "adjoint_norm", float(grad.float().norm())))
         self.records.append(rec)
+
+    @property
+    def kept(self) -> list[UnitRecord]:
+        """Records that carry their unit's input."""
+        return [rec for rec in self.records if rec.z is not None]
 
     def diagnostics(self) -> dict[str, list]:
         """Per-unit statistics as lists in call (depth) order: JSON-ready for the trainer's log.

@@ -1,0 +1,68 @@
+"""Discrete variance-preserving diffusion: x_n = sqrt(abar_n) x_0 + sqrt(1 - abar_n) eps, n = 0..T-1.
+
+The network's output is an epsilon prediction or a v prediction (v = sqrt(abar) eps - sqrt(1-abar) x_0);
+`to_eps` / `to_x0` convert either into what samplers use.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
+
+
+def _betas(kind: str, num_timesteps: int) -> torch.Tensor:
+    if kind == "linear":   # DDPM (Ho et al. 2020), scaled to T as in improved DDPM
+        scale = 1000.0 / num_timesteps
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    if kind == "cosine":   # improved DDPM (Nichol & Dhariwal 2021): abar(s) = cos^2((s + 0.008)/1.008 * pi/2)
+        s = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        abar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown schedule {kind!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+class VPSchedule:
+    """Noise schedule with T discrete steps; all tables in float64, cast on lookup."""
+
+    def __init__(self, kind: str = "linear", num_timesteps: int = 1000, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        if num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+        self.kind, self.num_timesteps, self.prediction = kind, num_timesteps, prediction
+        self.betas = _betas(kind, num_timesteps)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)              # abar_n
+
+    def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """abar at integer steps t (B,), shaped (B, 1, ..., 1) to broadcast against `like`."""
+        a = self.alphas_cumprod.to(t.device)[t.long()].to(like.dtype)
+        return a.view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = self.abar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output."""
+        if self.prediction == "eps":
+            return noise
+        a = self.abar(t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def to_eps(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "eps":
+            return output
+        a = self.abar(t, x)
+        return a.sqrt() * output + (1 - a).sqrt() * x          # eps = sqrt(a) v + sqrt(1-a) x_t
+
+    def to_x0(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.abar(t, x)
+        if self.prediction == "eps":
+            return (x - (1 - a).sqrt() * output) / a.sqrt()
+        return a.sqrt() * x - (1 - a).sqrt() * output           # x0 = sqrt(a) x_t - sqrt(1-a) v
+
+    def __repr__(self) -> str:
+        return f"VPSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps}, prediction={self.prediction!r})"

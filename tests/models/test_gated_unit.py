@@ -1,0 +1,215 @@
+"""The gated residual unit: each variant's formula, identity at init, gate sources, the
+sensitivity estimate against the exact Jacobian, and the tracer's diagnostics."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nrdm.models.gated_unit import VARIANTS, Conditioning, GatedResidual, UnitConfig
+from nrdm.models.layers import Attention, ConvBranch, Mlp, group_norm
+from nrdm.models.tracing import UnitTracer
+
+C, D_COND, B, N = 6, 5, 3, 4
+
+
+def make_unit(variant, body=None, gate_source="cond", gate_init="auto", gate_shape="channel", norm=None,
+              channel_axis=-1, channels=C):
+    unit = UnitConfig(variant, gate_init=gate_init, gate_source=gate_source, gate_shape=gate_shape)
+    make_norm = norm or (lambda affine: nn.Identity())
+    return GatedResidual(body or nn.Linear(channels, channels), channels, D_COND, unit, make_norm, channel_axis)
+
+
+def randomize_gates(unit: GatedResidual, scale=0.5):
+    """Give the zero-initialised gate parameters random values so every gate matters."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in unit.gates.parameters():
+            p.normal_(0, scale)
+
+
+def conditioning(batch=B):
+    torch.manual_seed(2)
+    return Conditioning(torch.randn(batch, D_COND), torch.rand(batch) * 2 - 1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_update_matches_its_formula(variant):
+    """z' written out by hand from the unit's raw gate head, with n = Identity and f = Linear."""
+    unit = make_unit(variant)
+    if unit.gates is not None:
+        randomize_gates(unit)
+    z = torch.randn(B, N, C)
+    cond = conditioning()
+    f = unit.body
+    if unit.gates is None:
+        expected = z + f(z)
+    elif variant == "rezero":
+        a = unit.gates.value[0, 0]                 # scalar, start value 0
+        expected = z + a * f(z)
+    else:
+        raw = unit.gates.head(nn.functional.silu(cond.vec)).view(B, -1, C)[:, :, None, :]  # (B, n, 1, C)
+        if variant == "nrdm":
+            alpha, beta = raw[:, 0], raw[:, 1]
+            expected = z + alpha * f(z) + beta
+        elif variant == "adaln":
+            alpha, beta = 1 + raw[:, 0], raw[:, 1]
+            expected = z + f(alpha * z + beta)
+        elif variant == "scaled-skip":
+            alpha, beta = 1 + raw[:, 0], raw[:, 1]
+            expected = alpha * z + f(z) + beta
+        elif variant == "adaln-zero":
+            g, s, b = raw[:, 0], raw[:, 1], raw[:, 2]
+            expected = z + g * f(z * (1 + s) + b)
+    torch.testing.assert_close(unit(z, cond), expected)
+
+
+def test_tdp_gates_follow_dimr_formula():
+    unit = make_unit("nrdm", gate_source="tdp")
+    randomize_gates(unit)
+    cond = conditioning()
+    gen = unit.gates
+    s = torch.sigmoid((1 + gen.tdp_w[0]) * cond.tau[:, None] + gen.tdp_b[0])      # (B, 1) for alpha
+    alpha = s * gen.tdp_p0[0] + (1 - s) * gen.tdp_p1[0]                           # (B, C)
+    s_b = torch.sigmoid((1 + gen.tdp_w[1]) * cond.tau[:, None] + gen.tdp_b[1])
+    beta = s_b * gen.tdp_p0[1] + (1 - s_b) * gen.tdp_p1[1]
+    z = torch.randn(B, N, C)
+    torch.testing.assert_close(unit(z, cond), z + alpha[:, None] * unit.body(z) + beta[:, None])
+    # time-only: two samples with the same tau but different c get the same gates
+    cond2 = Conditioning(torch.randn(B, D_COND), cond.tau)
+    torch.testing.assert_close(unit(z, cond2), unit(z, cond))
+
+
+def test_scalar_gates_and_gate_init_one():
+    unit = make_unit("nrdm", gate_shape="scalar", gate_init="one")
+    assert unit.gates.head.out_features == 2                     # one alpha, one beta
+    z = torch.randn(B, N, C)
+    torch.testing.assert_close(unit(z, conditioning()), z + unit.body(z))   # alpha = 1, beta = 0 at init
+
+
+@pytest.mark.parametrize("variant", ["nrdm", "rezero", "adaln-zero"])
+@pytest.mark.parametrize("source", ["cond", "tdp", "static"])
+def test_identity_at_init(variant, source):
+    unit = make_unit(variant, body=Mlp(C), gate_source=source, norm=lambda affine: nn.LayerNorm(C, elementwise_affine=affine))
+    z = torch.randn(B, N, C)
+    assert torch.equal(unit(z, conditioning()), z)
+
+
+def test_not_identity_where_not_promised():
+    for variant in ["adaln", "scaled-skip", "resnet"]:
+        unit = make_unit(variant)
+        z = torch.randn(B, N, C)
+        assert not torch.allclose(unit(z, conditioning()), z)
+
+
+def test_bad_config_names_allowed_values():
+    with pytest.raises(ValueError, match="allowed: nrdm, adaln, scaled-skip, resnet, rezero, adaln-zero"):
+        UnitConfig("highway")
+    with pytest.raises(ValueError, match="allowed: cond, tdp, static"):
+        UnitConfig("nrdm", gate_source="mlp")
+    with pytest.raises(ValueError, match="allowed: auto, zero, one"):
+        UnitConfig("nrdm", gate_init="half")
+    assert UnitConfig(3).variant == "resnet"                     # the paper's numbering
+
+
+def test_conditioning_routes():
+    assert UnitConfig("nrdm").gates_see_condition
+    assert UnitConfig("adaln-zero").gates_see_condition
+    assert not UnitConfig("resnet").gates_see_condition
+    assert not UnitConfig("rezero").gates_see_condition
+    assert not UnitConfig("nrdm", gate_source="tdp").gates_see_condition
+
+
+# ------------------------------------------------------------------------------------------
+# sensitivity ||alpha J - beta I||_F^2 / D
+# ------------------------------------------------------------------------------------------
+
+def exact_sensitivity(unit, z1, cond1):
+    """||diag(alpha) J - diag(beta)||_F^2 / D for a single sample, J from autograd.functional."""
+    g = unit.gate_values(cond1, z1.ndim)
+    J = torch.autograd.functional.jacobian(lambda zz: unit.branch(zz, g), z1)      # z1.shape * 2
+    D = z1.numel()
+    J = J.reshape(D, D)
+    alpha = (g["gate"].expand_as(z1) if "gate" in g else torch.ones_like(z1)).reshape(D)
+    beta = (g["out_shift"].expand_as(z1) if "out_shift" in g else torch.zeros_like(z1)).reshape(D)
+    A = alpha[:, None] * J - torch.diag(beta)
+    return A, (A ** 2).sum() / D
+
+
+SENSITIVITY_CASES = {
+    "mlp-tokens": dict(body=lambda: Mlp(C, 2.0), shape=(1, N, C), axis=-1,
+                       norm=lambda affine: nn.LayerNorm(C, elementwise_affine=affine)),
+    "attention-tokens": dict(body=lambda: Attention(C, 2), shape=(1, N, C), axis=-1,
+                             norm=lambda affine: nn.LayerNorm(C, elementwise_affine=affine)),
+    "conv-maps": dict(body=lambda: ConvBranch(C), shape=(1, C, 3, 3), axis=1,
+                      norm=lambda affine: group_norm(C, affine)),
+}
+
+
+@pytest.mark.parametrize("variant", ["nrdm", "adaln-zero", "resnet"])
+@pytest.mark.parametrize("case", list(SENSITIVITY_CASES))
+def test_sensitivity_estimate_matches_exact(variant, case):
+    """Hutchinson: E_v ||alpha J v - beta v||^2 = ||A||_F^2 with Var = 2 ||A^T A||_F^2 (Gaussian v).
+    The mean of M probes must lie within 5 standard errors of the exact value."""
+    spec = SENSITIVITY_CASES[case]
+    torch.manual_seed(0)
+    unit = make_unit(variant, body=spec["body"](), norm=spec["norm"], channel_axis=spec["axis"]).double()
+    if unit.gates is not None:
+        randomize_gates(unit)
+    z1 = torch.randn(spec["shape"], dtype=torch.float64)
+    cond1 = Conditioning(torch.randn(1, D_COND, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    A, exact = exact_sensitivity(unit, z1, cond1)
+    D = z1.numel()
+
+    M = 4000
+    zM = z1.expand(M, *z1.shape[1:])
+    condM = Conditioning(cond1.vec.expand(M, -1), cond1.tau.expand(M))
+    probes = torch.randn(zM.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    estimate = unit.sensitivity(zM, condM, probes).mean()
+    A = A.detach()
+    std_error = math.sqrt(2 * float(((A.T @ A) ** 2).sum()) / M) / D
+    assert abs(float(estimate) - float(exact)) < 5 * std_error, (float(estimate), float(exact), std_error)
+
+
+def test_sensitivity_gradient_reaches_gates_and_branch():
+    unit = make_unit("nrdm", body=Mlp(C, 2.0), norm=lambda affine: nn.LayerNorm(C, elementwise_affine=affine))
+    randomize_gates(unit)
+    z = torch.randn(B, N, C)
+    unit.sensitivity(z, conditioning(), torch.randn_like(z)).mean().backward()
+    assert unit.gates.head.weight.grad.abs().sum() > 0
+    assert unit.body.fc1.weight.grad.abs().sum() > 0
+    assert unit.body.fc2.weight.grad.abs().sum() > 0
+
+
+def test_sensitivity_of_zero_gated_unit_is_zero():
+    """nrdm at init has alpha = beta = 0, so alpha J - beta I = 0 exactly."""
+    unit = make_unit("nrdm", body=Mlp(C))
+    z = torch.randn(B, N, C)
+    assert torch.equal(unit.sensitivity(z, conditioning(), torch.randn_like(z)), torch.zeros(B))
+
+
+# ------------------------------------------------------------------------------------------
+# diagnostics
+# ------------------------------------------------------------------------------------------
+
+def test_tracer_diagnostics_match_autograd():
+    torch.manual_seed(0)
+    units = nn.ModuleList([make_unit("nrdm", body=Mlp(C)) for _ in range(2)])
+    for u in units:
+        randomize_gates(u)
+    z0 = torch.randn(B, N, C, requires_grad=True)
+    cond = conditioning()
+    with UnitTracer(units, stats=True) as tracer:
+        z1 = units[0](z0, cond)
+        z2 = units[1](z1, cond)
+        loss = z2.pow(2).sum()
+        grad_z0, grad_z1 = torch.autograd.grad(loss, [z0, z1], retain_graph=True)
+        loss.backward()
+    diag = tracer.diagnostics()
+    assert diag["unit_variant"] == ["nrdm", "nrdm"]
+    assert diag["adjoint_norm"] == pytest.approx([float(grad_z0.norm()), float(grad_z1.norm())], rel=1e-5)
+    g = units[0].gate_values(cond, 3)
+    ratio = (g["gate"] * units[0].body(units[0].norm(z0))).norm() / z0.norm()
+    assert diag["update_ratio"][0] == pytest.approx(float(ratio), rel=1e-5)
+    assert diag["alpha_mean"][1] == pytest.approx(float(units[1].gate_values(cond, 3)["gate"].mean()), rel=1e-5)
+    assert all(u.tracer is None for u in units)                 # detached on exit
