@@ -61,6 +61,7 @@ def test_penalty_is_sum_of_unit_sensitivities():
     g = torch.Generator().manual_seed(5)
     t = torch.randint(0, 1000, (4,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
+    torch.rand(4, generator=g)                          # label-dropout draw
     torch.randperm(len(units), generator=g)
     with UnitTracer(model, keep_inputs=True) as tracer:
         model(schedule.add_noise(x0, t, eps), t, labels)

@@ -46,7 +46,8 @@ class LossOutput:
 
 def draw_probe(like: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
     """v with E[v v^T] = I."""
-    v = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    device = generator.device if generator is not None else like.device
+    v = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
     return v.sign() if kind == "rademacher" else v
 
 
@@ -64,25 +65,47 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass
+class NoiseDraws:
+    """The random inputs of one loss evaluation: diffusion steps, noise and label-dropout mask.
+    Drawn for a whole global batch and sliced per process/micro-batch, so that any split of the
+    batch sees the same randomness as one process would."""
+
+    t: torch.Tensor          # (B,) integer steps
+    noise: torch.Tensor      # x0-shaped N(0, I)
+    drop: torch.Tensor       # (B,) bool: label replaced by the null class
+
+    @classmethod
+    def sample(cls, shape, num_timesteps: int, label_drop: float, generator: torch.Generator | None = None,
+               device="cpu") -> "NoiseDraws":
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, num_timesteps, (shape[0],), generator=generator, device=gen_device)
+        noise = torch.randn(shape, generator=generator, device=gen_device)
+        drop = torch.rand(shape[0], generator=generator, device=gen_device) < label_drop
+        return cls(t.to(device), noise.to(device), drop.to(device))
+
+    def slice(self, start: int, stop: int) -> "NoiseDraws":
+        return NoiseDraws(self.t[start:stop], self.noise[start:stop], self.drop[start:stop])
+
+
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, schedule: VPSchedule,
                    config: LossConfig = LossConfig(), generator: torch.Generator | None = None,
-                   diagnostics: bool = False) -> LossOutput:
-    """One Monte-Carlo estimate of the loss on a batch: t ~ U{0..T-1}, eps ~ N(0, I).
+                   diagnostics: bool = False, draws: NoiseDraws | None = None) -> LossOutput:
+    """One Monte-Carlo estimate of the loss on a batch: t ~ U{0..T-1}, eps ~ N(0, I), labels
+    dropped to the null class with probability label_drop. `draws` supplies those; by default
+    they come from `generator`, which also picks the penalized units and their probes.
 
     diagnostics=True traces every unit (update ratios, gate statistics, and, once the loss has
     been backpropagated, adjoint norms): read them with `output.tracer.diagnostics()`.
     """
-    B = x0.shape[0]
-    device = x0.device
-    t = torch.randint(0, schedule.num_timesteps, (B,), generator=generator, device=device)
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    if draws is None:
+        draws = NoiseDraws.sample(x0.shape, schedule.num_timesteps, config.label_drop, generator, x0.device)
+    t, noise = draws.t, draws.noise.to(x0.dtype)
     num_classes = getattr(unwrap(model), "num_classes", 0)
-    if labels is not None and num_classes and config.label_drop > 0:
-        drop = torch.rand(B, generator=generator, device=device) < config.label_drop
-        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+    if labels is not None and num_classes:
+        labels = torch.where(draws.drop, torch.full_like(labels, num_classes), labels)
     xt = schedule.add_noise(x0, t, noise)
     target = schedule.target(x0, t, noise)
-
     if config.gamma == 0 and not diagnostics:
         mse = (model(xt, t, labels).float() - target.float()).pow(2).mean()
         return LossOutput(mse, mse.detach())

@@ -37,6 +37,12 @@ def _path(schedule: VPSchedule, steps: int):
     return [(t, float(abar[t]), a_next) for t, a_next in zip(ts, nexts)]
 
 
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Noise drawn on the generator's device (so a CPU generator gives the same noise everywhere)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def _steps(path, progress: bool, name: str):
     return tqdm(path, desc=name, disable=not progress, leave=False)
 
@@ -57,7 +63,7 @@ def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
         x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma ** 2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * _randn_like(x, generator)
     return x
 
 

@@ -3,6 +3,7 @@ gated units), input conditioning, and ScaleLong's long-skip scaling for U-shaped
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig
@@ -106,6 +107,13 @@ class Backbone(nn.Module):
     num_classes: int
     num_timesteps: int
     unit: UnitConfig
+    grad_checkpointing: bool = False   # recompute each block in the backward pass to save memory
+
+    def run(self, block: nn.Module, *args) -> torch.Tensor:
+        """Call a block, through activation checkpointing when enabled (training only)."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     @property
     def null_class(self) -> int:

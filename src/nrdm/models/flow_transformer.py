@@ -64,6 +64,6 @@ class FlowTransformer(Backbone):
         if self.cond_in is not None:
             z = z + self.cond_in(cond.vec)[:, None]                          # (B, N, D)
         for block in self.blocks:
-            z = block(z, cond)                                               # (B, N, D)
+            z = self.run(block, z, cond)                                     # (B, N, D)
         out = self.final(z, cond.vec)                                        # (B, N, p*p*C)
         return unpatchify(out, self.patch_size, self.in_channels)           # (B, C, H, W)

@@ -71,14 +71,14 @@ class UShapedTransformer(Backbone):
 
         skips = []
         for block in self.in_blocks:
-            z = block(z, cond)                                               # (B, E+N, D)
+            z = self.run(block, z, cond)                                     # (B, E+N, D)
             skips.append(z)
         for block in self.mid_blocks:
-            z = block(z, cond)
+            z = self.run(block, z, cond)
         for block, fuse in zip(self.out_blocks, self.skip_fuse):
             index = len(skips)                                               # innermost first: N, ..., 1
             skip = self.skip_scale(skips.pop(), index)
-            z = block(fuse(torch.cat([z, skip], dim=-1)), cond)              # (B, E+N, D)
+            z = self.run(block, fuse(torch.cat([z, skip], dim=-1)), cond)    # (B, E+N, D)
 
         out = self.head(self.norm(z[:, self.n_extra:]))                     # (B, N, p*p*C)
         return self.out_conv(unpatchify(out, self.patch_size, self.in_channels))  # (B, C, H, W)

@@ -113,7 +113,7 @@ class UNet(Backbone):
         skips = []
         for level, stages in enumerate(self.down):
             for stage in stages:
-                h = stage(h, cond)                                           # (B, C_l, H/2^l, W/2^l)
+                h = self.run(stage, h, cond)                                 # (B, C_l, H/2^l, W/2^l)
                 skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)                                # (B, C_l+1, H/2^(l+1), ...)
@@ -124,7 +124,7 @@ class UNet(Backbone):
             for fuse, stage in zip(fuses, stages):
                 index = len(skips)                                           # innermost first: N, ..., 1
                 skip = self._scale_skip(skips.pop(), index, level)
-                h = stage(fuse(torch.cat([h, skip], dim=1)), cond)           # (B, C_l, H/2^l, W/2^l)
+                h = self.run(stage, fuse(torch.cat([h, skip], dim=1)), cond)  # (B, C_l, H/2^l, W/2^l)
             if level > 0:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
                 h = self.upsample[i](h)                                      # (B, C_l-1, ., .)

@@ -1,0 +1,61 @@
+"""Class-conditional accuracy of a trained run: a small CNN trained on the run's dataset (train
+split minus a held-out part) classifies `--n` samples generated for known labels.
+
+    python benchmarks/class_accuracy.py runs/digits [--n 100] [--steps 25] [--cfg 2.0]
+
+Prints the classifier's accuracy on held-out real images (its ceiling) and on the samples.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from nrdm.cli import _load_run
+from nrdm.data import build_dataset
+from nrdm.data.datasets import load_digits_dataset
+from nrdm.metrics.classifier import accuracy, predict, train_classifier
+from nrdm.sampling import generate, grid_labels
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--sampler")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--cfg", type=float)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=15)
+    args = parser.parse_args()
+
+    cfg, model, schedule, ckpt = _load_run(Path(args.run))
+    if cfg.data.name == "digits":
+        train_set = load_digits_dataset(cfg.data.image_size, "train-only")
+        test_set = load_digits_dataset(cfg.data.image_size, "test")
+    else:
+        train_set = build_dataset(cfg.data)
+        test_cfg = type(cfg.data)(**{**cfg.data.__dict__, "split": "test"})
+        test_set = build_dataset(test_cfg)
+    start = time.time()
+    clf = train_classifier(train_set.images, train_set.labels, train_set.num_classes, epochs=args.epochs,
+                           progress=True)
+    real_acc = accuracy(clf, test_set.images, test_set.labels)
+    print(f"classifier: {time.time() - start:.0f}s, held-out real accuracy {real_acc:.3f} (n={len(test_set)})")
+
+    s = cfg.sample
+    sampler, steps = args.sampler or s.sampler, args.steps or s.steps
+    cfg_scale = s.cfg_scale if args.cfg is None else args.cfg
+    labels = grid_labels(args.n, model.num_classes)
+    start = time.time()
+    images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, s.eta, args.seed, progress=True)
+    pred = predict(clf, images)
+    acc = float((pred == labels).float().mean())
+    per_class = [float((pred[labels == k] == k).float().mean()) for k in range(model.num_classes)]
+    print(f"samples: {args.n} from {ckpt} ({sampler}, {steps} steps, cfg {cfg_scale}, seed {args.seed}, "
+          f"{time.time() - start:.0f}s)")
+    print(f"class-conditional accuracy: {acc:.3f}   per class: " + " ".join(f"{a:.1f}" for a in per_class))
+
+
+if __name__ == "__main__":
+    main()

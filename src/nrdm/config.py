@@ -1,0 +1,210 @@
+"""The run configuration: a typed schema (dataclasses), YAML files, presets, dotted overrides.
+
+    cfg = load_config("digits", overrides=["train.steps=200", "model.variant=resnet"])
+    cfg = load_config("my_run.yaml")
+
+Every key is checked: an unknown key or a value of the wrong type is a ValueError that lists the
+valid keys / names the expected type. Presets live in `nrdm/configs/*.yaml` (also reachable as
+`configs/` at the repository root).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    size: str | None = None                 # registry name (DiT-S/2, U-ViT-H/2, UNet-S, ...); keys below override
+    backbone: str | None = None             # flow | u-transformer | unet (implied by size)
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float | None = None
+    channel_mult: list[int] | None = None   # unet
+    attention_resolution: int | None = None  # unet
+    dropout: float | None = None            # unet
+    skip_scaling: str | None = None         # u-transformer, unet: none | constant | learned
+    skip_kappa: float | None = None
+    variant: str = "nrdm"                   # nrdm | adaln | scaled-skip | resnet | rezero | adaln-zero
+    gate_init: str = "auto"
+    gate_source: str = "cond"
+    gate_shape: str = "channel"
+    input_conditioning: str = "auto"
+    conditional: bool = True                # class-conditional when the data has labels
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"                # linear | cosine
+    num_timesteps: int = 1000
+    prediction: str = "eps"                 # eps | v
+    gamma: float = 0.0                      # residual-sensitivity penalty weight
+    penalty_units: int = 1
+    probe: str = "gaussian"
+    label_drop: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"                    # digits | mnist | fashion | folder
+    root: str | None = None                 # idx(.gz) directory or image folder
+    split: str = "train"                    # train | test (idx datasets)
+    image_size: int = 16
+    hflip: bool = False
+    skip_corrupt: bool = False              # folder: skip unreadable images with a warning
+    num_classes: int | None = None          # folder: override the count of class subfolders
+    num_workers: int = 0
+    vae: str | None = None                  # latent diffusion: diffusers AutoencoderKL path or hub name
+    latent_channels: int = 4
+    vae_downsample: int = 8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64                    # global batch (all processes, all accumulation steps)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0                  # max global grad norm (0 = off)
+    ema_decay: float = 0.999
+    precision: str = "fp32"                 # fp32 | bf16 | fp16 (autocast)
+    compile: bool = False
+    parallel: str = "ddp"                   # ddp | fsdp (under torchrun)
+    device: str = "auto"                    # auto | cpu | cuda
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_last: int = 2
+    sample_every: int = 0                   # 0 = only at the end
+    diagnostics_every: int = 0              # 0 = off
+    max_bad_steps: int = 5                  # consecutive non-finite steps before stopping
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "dpm++2m"                # ddpm | ddim | dpm++2m
+    steps: int = 50
+    eta: float = 0.0                        # ddim only
+    cfg_scale: float = 1.0
+    n: int = 100
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += valid_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value, hint, key: str):
+    """Check `value` against the annotation `hint` (int -> float widening allowed)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool) and hint is not bool):
+        raise ValueError(f"config key {key!r} expects {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(data: dict, cls=Config, prefix: str = ""):
+    """Build a (nested) config dataclass from a dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"unknown config key {prefix + str(unknown[0])!r}; valid keys: {', '.join(valid_keys())}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(value or {}, hint, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (value parsed as YAML: 3, 1e-4, true, [1, 2], text)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.steps=500")
+        key, raw = item.split("=", 1)
+        if key not in valid_keys():
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    return data or {}
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """source: a preset name, a YAML path, or None for the defaults."""
+    data: dict = {}
+    if source is not None:
+        path = Path(source)
+        if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
+            path = PRESET_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise ValueError(f"no preset or file {str(source)!r}; presets: {', '.join(presets())}")
+        data = read_yaml(path)
+    return from_dict(apply_overrides(data, list(overrides)))

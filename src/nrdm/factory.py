@@ -1,0 +1,66 @@
+"""From a run configuration to the objects it describes (model, schedule, loss settings)."""
+from __future__ import annotations
+
+from torch import nn
+
+from nrdm.config import Config
+from nrdm.data.datasets import data_shape
+from nrdm.diffusion import LossConfig, VPSchedule
+from nrdm.models import build_model
+
+_PASSTHROUGH = ("backbone", "width", "depth", "heads", "patch_size", "mlp_ratio", "channel_mult",
+                "attention_resolution", "dropout", "skip_scaling", "skip_kappa", "variant", "gate_init",
+                "gate_source", "gate_shape", "input_conditioning")
+
+
+def model_kwargs(cfg: Config) -> dict:
+    """Keyword arguments for build_model: the model section's set keys plus the data's shape."""
+    channels, image_size, num_classes = data_shape(cfg.data)
+    m = cfg.model
+    kwargs = {key: getattr(m, key) for key in _PASSTHROUGH if getattr(m, key) is not None}
+    if isinstance(kwargs.get("channel_mult"), list):
+        kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
+    kwargs.update(image_size=image_size, in_channels=channels, num_classes=num_classes if m.conditional else 0,
+                  num_timesteps=cfg.diffusion.num_timesteps)
+    return kwargs
+
+
+def build_model_from_config(cfg: Config) -> nn.Module:
+    model = build_model(cfg.model.size, **model_kwargs(cfg))
+    model.grad_checkpointing = cfg.model.grad_checkpointing
+    return model
+
+
+def build_schedule(cfg: Config) -> VPSchedule:
+    d = cfg.diffusion
+    return VPSchedule(d.schedule, d.num_timesteps, d.prediction)
+
+
+def build_loss_config(cfg: Config) -> LossConfig:
+    d = cfg.diffusion
+    return LossConfig(gamma=d.gamma, penalty_units=d.penalty_units, probe=d.probe, label_drop=d.label_drop)
+
+
+def validate(cfg: Config) -> None:
+    """Check every choice in the config without building anything large (raises ValueError)."""
+    from nrdm.diffusion import SAMPLERS
+    from nrdm.models.gated_unit import UnitConfig
+
+    build_schedule(cfg)
+    build_loss_config(cfg)
+    UnitConfig(cfg.model.variant, cfg.model.gate_init, cfg.model.gate_source, cfg.model.gate_shape)
+    t = cfg.train
+    for name, value, allowed in [("train.precision", t.precision, ("fp32", "bf16", "fp16")),
+                                 ("train.parallel", t.parallel, ("ddp", "fsdp")),
+                                 ("train.device", t.device, ("auto", "cpu", "cuda")),
+                                 ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "sample.steps": cfg.sample.steps,
+                "data.image_size": cfg.data.image_size}
+    bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+    if bad:
+        raise ValueError(f"these config values must be >= 1: {', '.join(bad)}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")

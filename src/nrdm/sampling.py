@@ -1,0 +1,37 @@
+"""Generating images from a trained backbone: noise -> sampler -> images in [-1, 1]."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nrdm.diffusion import VPSchedule, eps_predictor, sample
+
+
+def grid_labels(n: int, num_classes: int) -> torch.Tensor | None:
+    """0, 1, ..., K-1, 0, 1, ...: with K columns every column of the grid is one class."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+@torch.no_grad()
+def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
+             sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0,
+             batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """n samples (n, C, H, W) in [-1, 1]. The initial noise and the samplers' noise come from
+    CPU generators seeded by `seed`, so results do not depend on the device or batch size
+    (up to floating-point differences between devices)."""
+    was_training = model.training
+    model.eval()
+    shape = (model.in_channels, model.image_size, model.image_size)
+    x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        y = labels[start:stop].to(device) if labels is not None else None
+        eps_fn = eps_predictor(model, schedule, y, cfg_scale)
+        extra = {"eta": eta} if sampler == "ddim" else {}
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        x = sample(eps_fn, x_T[start:stop].to(device), schedule, sampler, steps, generator=gen,
+                   progress=progress, **extra)
+        out.append(x.clamp(-1, 1).cpu())
+    model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,6 @@
+"""Training: the loop, checkpoints, EMA, torch.distributed helpers."""
+from nrdm.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nrdm.training.trainer import TrainingStopped, train
+
+__all__ = ["CheckpointError", "TrainingStopped", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "save_checkpoint", "train"]

@@ -1,0 +1,102 @@
+"""Checkpoints: one directory per saved step, written atomically.
+
+    RUN/checkpoints/step-00001000/
+        model.safetensors   model weights (fp32)
+        ema.safetensors     EMA weights
+        state.pt            optimizer, scheduler, RNG states, step (read with weights_only=True)
+        config.yaml         the run's configuration
+
+A checkpoint is first written to `step-XXXXXXXX.tmp/`, flushed to disk, then renamed: a crash at
+any point leaves either the complete new checkpoint or none, never a half-written one, and the
+previous checkpoints stay untouched. Only the newest `keep_last` are kept.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})$")
+FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what to do about it."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
+                    config_yaml: str, keep_last: int = 2) -> Path:
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f"step-{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)          # left over from a crash
+    tmp.mkdir()
+    contiguous = lambda state: {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(contiguous(model_state), str(tmp / "model.safetensors"))
+    save_file(contiguous(ema_state), str(tmp / "ema.safetensors"))
+    torch.save(train_state, tmp / "state.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    for name in FILES:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():              # re-saving the same step (e.g. the final step after resume)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, weights_only: bool = False) -> dict:
+    """{'model', 'ema' (state dicts), 'state' (dict, unless weights_only), 'config_yaml', 'path'}."""
+    path = Path(path)
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
+                              f"delete it to resume from an earlier checkpoint")
+    out = {"path": path, "config_yaml": (path / "config.yaml").read_text()}
+    for key in ("model", "ema"):
+        file = path / f"{key}.safetensors"
+        try:
+            out[key] = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint file {file} is corrupt or truncated ({err}); delete the "
+                                  f"checkpoint directory {path} to resume from an earlier one") from err
+    if not weights_only:
+        file = path / "state.pt"
+        try:
+            out["state"] = torch.load(file, weights_only=True, map_location="cpu")
+        except Exception as err:  # torch.load raises many types for damaged files
+            raise CheckpointError(f"checkpoint file {file} is corrupt or truncated ({type(err).__name__}: {err}); "
+                                  f"delete the checkpoint directory {path} to resume from an earlier one") from err
+    return out

@@ -1,0 +1,301 @@
+"""The training loop: one code path from one CPU process to torchrun on many GPUs.
+
+Design (after nanoGPT's train.py and EDM2's loop):
+- Randomness and data order are pure functions of (seed, step): every step re-seeds the noise
+  generator (shared by all ranks, drawing the whole global batch) and the per-rank torch RNG
+  (dropout), and `BatchStream` derives the batch from (seed, step). So a checkpoint only needs
+  weights, EMA, optimizer, scheduler and the step, and an interrupted-and-resumed run repeats an
+  uninterrupted one exactly.
+- A step whose gradient norm (or, under fp16 loss scaling, whose loss) is not finite is skipped
+  and logged; `max_bad_steps` consecutive such steps stop training with a clear message.
+- Rank 0 logs JSONL (step, loss, grad norm, lr, steps/s, images/s, diagnostics) and stdout,
+  writes checkpoints (atomically) and sample grids from the EMA weights with fixed seeds.
+The trainer never looks at the residual variant: it sees a backbone and a loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nrdm.config import Config, from_dict
+from nrdm.data import BatchStream, build_dataset
+from nrdm.data.datasets import data_shape
+from nrdm.diffusion import NoiseDraws, diffusion_loss
+from nrdm.factory import build_loss_config, build_model_from_config, build_schedule, validate
+from nrdm.models import count_parameters, no_weight_decay_names
+from nrdm.sampling import generate, grid_labels
+from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
+from nrdm.training.ema import EMA
+from nrdm.utils.images import save_grid
+
+# config keys that may change when a run is resumed
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_every",
+                     "train.diagnostics_every", "train.max_bad_steps", "train.num_workers", "data.num_workers",
+                     "data.root", "sample.")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the message says why and what to do."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume_config(saved_yaml: str, cfg: Config) -> None:
+    import yaml
+    saved = _flat(from_dict(yaml.safe_load(saved_yaml)).to_dict())
+    now = _flat(cfg.to_dict())
+    diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k) and not any(k == c or (c.endswith(".") and k.startswith(c))
+                                                       for c in RESUMABLE_CHANGES)]
+    if diffs:
+        raise ValueError("cannot resume: the configuration differs from the checkpoint's in "
+                         + "; ".join(diffs) + ". Resume with the same settings (only "
+                         + ", ".join(RESUMABLE_CHANGES) + " may change) or start a new --out directory")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and conv kernels only; never on biases, norms, embeddings'
+    null row... or DiMR's time-dependent parameters."""
+    skip = no_weight_decay_names(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class JsonlLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (written after the checkpoint a resumed run restarts from)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _step_seed(seed: int, step: int, stream: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2 ** 63)
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          env: DistEnv | None = None) -> dict:
+    """Train per `cfg`, writing to out_dir; returns a summary dict. See the module docstring."""
+    validate(cfg)
+    env = env or init_distributed(cfg.train.device)
+    out = Path(out_dir)
+    tc = cfg.train
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:
+        raise ValueError(f"{out} already holds checkpoints (latest {ckpt.name}); pass --resume to continue "
+                         f"that run or choose another --out directory")
+    loaded = load_checkpoint(ckpt) if (resume and ckpt is not None) else None
+    if loaded is not None:
+        check_resume_config(loaded["config_yaml"], cfg)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    barrier(env)
+
+    dataset = build_dataset(cfg.data)
+    expected = data_shape(cfg.data)
+    if (dataset.channels, dataset.image_size) != expected[:2]:
+        raise ValueError(f"dataset gives {dataset.channels}x{dataset.image_size} images, config expects "
+                         f"{expected[0]}x{expected[1]}")
+    torch.manual_seed(tc.seed)                       # same initial weights on every rank and every run
+    model = build_model_from_config(cfg).to(env.device)
+    if model.num_classes and dataset.num_classes > model.num_classes:
+        raise ValueError(f"dataset has {dataset.num_classes} classes but the model {model.num_classes}; "
+                         f"fix data.num_classes")
+    schedule = build_schedule(cfg)
+    loss_cfg = build_loss_config(cfg)
+    ema = EMA(model, tc.ema_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas))
+    warmup = max(tc.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scaler = torch.amp.GradScaler(env.device.type) if tc.precision == "fp16" else None
+    start_step, bad_steps = 0, 0
+    if loaded is not None:
+        model.load_state_dict(loaded["model"])
+        ema.load_state_dict(loaded["ema"])
+        state = loaded["state"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step, bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+
+    wrapped: nn.Module = model
+    if tc.compile:
+        wrapped = torch.compile(wrapped)
+    if env.distributed:
+        wrapped = _wrap_parallel(wrapped, tc.parallel, env)
+
+    stream = BatchStream(dataset, tc.batch_size, tc.seed, env.rank, env.world_size, tc.grad_accum,
+                         cfg.data.hflip, cfg.data.num_workers)
+    log = JsonlLog(out / "log.jsonl", env.is_main)
+    log.truncate_after(start_step)
+    if env.is_main and start_step == 0:
+        log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
+                   "config": cfg.to_dict()})
+    conditional = model.num_classes > 0
+    generator = torch.Generator()
+    sample_shape = (tc.batch_size, model.in_channels, model.image_size, model.image_size)
+
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and env.is_main), desc="train",
+               dynamic_ncols=True)
+    window = {"loss": 0.0, "mse": 0.0, "penalty": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+    last_loss = float("nan")
+    for step in range(start_step, tc.steps):
+        done = step + 1
+        generator.manual_seed(_step_seed(tc.seed, step, 0))
+        torch.manual_seed(_step_seed(tc.seed, step, 1 + env.rank))
+        draws = NoiseDraws.sample(sample_shape, schedule.num_timesteps, loss_cfg.label_drop, generator)
+        draws = draws.slice(env.rank * stream.per_rank, (env.rank + 1) * stream.per_rank)
+        diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros(3, device=env.device)           # loss, mse, penalty (this rank)
+        tracer = None
+        micro_batches = stream.step(step)
+        for i, (x, y) in enumerate(micro_batches):
+            d = draws.slice(i * stream.micro, (i + 1) * stream.micro)
+            d = NoiseDraws(d.t.to(env.device), d.noise.to(env.device), d.drop.to(env.device))
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            last_micro = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if (last_micro or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
+            with sync:
+                with _autocast(tc.precision, env.device):
+                    res = diffusion_loss(wrapped, x, y if conditional else None, schedule, loss_cfg,
+                                         generator=generator, draws=d, diagnostics=diagnostics_now and i == 0)
+                loss = res.loss / len(micro_batches)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            tracer = res.tracer or tracer
+            loss_sum += torch.stack([res.loss.detach().float(), res.mse.float(),
+                                     res.penalty.float() if res.penalty is not None else torch.zeros((), device=env.device)
+                                     ]) / len(micro_batches)
+
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        step_loss = all_reduce_mean(loss_sum, env)
+        finite_loss = bool(torch.isfinite(step_loss).all())
+        ok = finite_loss if scaler is not None else (finite_loss and bool(torch.isfinite(grad_norm)))
+        lr = scheduler.get_last_lr()[0]
+        if ok:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            ema.update(model, step)
+            bad_steps = 0
+            last_loss = float(step_loss[0])
+            window["loss"] += float(step_loss[0])
+            window["mse"] += float(step_loss[1])
+            window["penalty"] += float(step_loss[2])
+            window["n"] += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
+            bad_steps += 1
+            log.write({"step": done, "skipped": True, "loss": _num(step_loss[0]), "grad_norm": _num(grad_norm),
+                       "consecutive_bad_steps": bad_steps})
+            if env.is_main:
+                bar.write(f"step {done}: non-finite loss/gradient (loss {_num(step_loss[0])}, grad norm "
+                          f"{_num(grad_norm)}); step skipped ({bad_steps}/{tc.max_bad_steps})")
+            if bad_steps >= tc.max_bad_steps:
+                last = latest_checkpoint(out)
+                raise TrainingStopped(
+                    f"training stopped at step {done}: {bad_steps} consecutive steps had a non-finite loss or "
+                    f"gradient. Lower train.lr, keep train.grad_clip > 0, use train.precision=fp32 or bf16, or "
+                    f"check the data for NaNs. Last good checkpoint: {last if last else 'none'}.")
+        with warnings.catch_warnings():          # a skipped first step still advances the lr schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            scheduler.step()
+        window["steps"] += 1
+        bar.update(1)
+
+        if done % tc.log_every == 0 or done == tc.steps or diagnostics_now:
+            elapsed = time.perf_counter() - window["t0"]
+            n = max(window["n"], 1)
+            record = {"step": done, "loss": window["loss"] / n, "mse": window["mse"] / n,
+                      "grad_norm": _num(grad_norm), "lr": lr, "steps_per_s": window["steps"] / elapsed,
+                      "images_per_s": window["steps"] * tc.batch_size / elapsed}
+            if loss_cfg.gamma > 0:
+                record["penalty"] = window["penalty"] / n
+            if tracer is not None:
+                record["diagnostics"] = tracer.diagnostics()
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}")
+            window = {"loss": 0.0, "mse": 0.0, "penalty": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
+
+        if done % tc.ckpt_every == 0 or done == tc.steps:
+            if env.is_main:
+                save_checkpoint(out, done, model.state_dict(), ema.state_dict(),
+                                {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict() if scaler is not None else {}, "bad_steps": bad_steps,
+                                 "seed": tc.seed, "world_size": env.world_size},
+                                cfg.to_yaml(), tc.keep_last)
+            barrier(env)
+        if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
+            write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device)
+    bar.close()
+    grid = out / "samples" / f"step-{tc.steps:08d}.png"
+    return {"steps": tc.steps, "final_loss": last_loss, "samples": str(grid) if grid.exists() else None,
+            "checkpoint": str(latest_checkpoint(out))}
+
+
+def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device) -> Path:
+    """A grid of cfg.sample.n samples from fixed seeds; class-conditional models get one class
+    per column (labels 0..K-1 repeated)."""
+    s = cfg.sample
+    labels = grid_labels(s.n, model.num_classes)
+    images = generate(model, schedule, s.n, labels, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device)
+    nrow = model.num_classes if model.num_classes else None
+    return save_grid(images, path, nrow=nrow, scale=max(1, 64 // model.image_size))
+
+
+def _num(value) -> float | str:
+    v = float(value)
+    return v if math.isfinite(v) else str(v)
+
+
+def _wrap_parallel(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    raise ValueError(f"train.parallel={parallel!r} is not supported yet; use ddp")

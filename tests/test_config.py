@@ -1,0 +1,65 @@
+"""Config schema: presets, YAML, overrides, and errors that name the valid keys."""
+import pytest
+import torch
+
+from nrdm.config import load_config, presets, valid_keys
+from nrdm.factory import build_model_from_config, validate
+from nrdm.models import count_parameters
+
+
+def test_required_keys_exist():
+    for key in ["train.steps", "train.batch_size", "train.ckpt_every", "model.depth", "model.width",
+                "model.variant", "model.backbone", "data.name"]:
+        assert key in valid_keys()
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.stpes'; valid keys: .*train\.steps"):
+        load_config("digits", ["train.stpes=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widht: 64\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'model.widht'; valid keys: .*model\.width"):
+        load_config(bad)
+    bad.write_text("modle:\n  width: 64\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'modle'"):
+        load_config(bad)
+
+
+def test_type_errors_and_overrides():
+    with pytest.raises(ValueError, match=r"'train.steps' expects int, got 'many'"):
+        load_config("digits", ["train.steps=many"])
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        load_config("digits", ["train.steps"])
+    cfg = load_config("digits", ["train.lr=1", "model.channel_mult=[1, 2]", "model.variant=resnet"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.channel_mult == [1, 2] and cfg.model.variant == "resnet"
+    with pytest.raises(ValueError, match="no preset or file 'nope'; presets: .*digits"):
+        load_config("nope")
+
+
+def test_validate_names_allowed_values():
+    with pytest.raises(ValueError, match="allowed: fp32, bf16, fp16"):
+        validate(load_config("digits", ["train.precision=fp8"]))
+    with pytest.raises(ValueError, match="allowed: nrdm, adaln"):
+        validate(load_config("digits", ["model.variant=highway"]))
+    with pytest.raises(ValueError, match="train.steps=0"):
+        validate(load_config("digits", ["train.steps=0"]))
+
+
+@pytest.mark.parametrize("name", presets())
+def test_every_preset_validates_and_builds(name):
+    """GPU-sized presets are built on the meta device: no memory, just shapes and counts."""
+    cfg = load_config(name)
+    validate(cfg)
+    with torch.device("meta"):
+        model = build_model_from_config(cfg)
+    assert count_parameters(model) > 0
+
+
+def test_gpu_presets_have_published_shapes():
+    with torch.device("meta"):
+        dit = build_model_from_config(load_config("dit-xl2-imagenet256", ["model.variant=adaln-zero"]))
+        uvit = build_model_from_config(load_config("uvit-h2-imagenet256", ["model.variant=resnet"]))
+    assert (dit.in_channels, dit.image_size, dit.num_classes) == (4, 32, 1000)
+    assert abs(count_parameters(dit) / 1e6 - 675) < 1          # DiT-XL/2: 675M
+    assert abs(count_parameters(uvit) / 1e6 - 501) < 3         # U-ViT-H/2: 501M

@@ -1,0 +1,157 @@
+"""The training loop end to end on tiny configs: exact resume, DDP equivalence, non-finite
+steps, and the CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nrdm.training.trainer as trainer_mod
+from nrdm.cli import main as cli_main
+from nrdm.training import TrainingStopped, load_checkpoint, latest_checkpoint, train
+
+
+def final_state(run):
+    loaded = load_checkpoint(latest_checkpoint(run))
+    return loaded["model"], loaded["ema"], loaded["state"]["optimizer"]
+
+
+def assert_same_state(a, b, exact=True, atol=0.0):
+    model_a, ema_a, opt_a = a
+    model_b, ema_b, opt_b = b
+    for sa, sb in [(model_a, model_b), (ema_a, ema_b)]:
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if exact:
+                assert torch.equal(sa[k], sb[k]), k
+            else:
+                torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=atol, msg=k)
+    for pid, state in opt_a["state"].items():
+        for key, value in state.items():
+            other = opt_b["state"][pid][key]
+            if exact:
+                assert torch.equal(value, other), (pid, key)
+            else:
+                torch.testing.assert_close(value, other, rtol=0, atol=max(atol, 1e-6), msg=f"{pid}.{key}")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
+    """6 steps straight vs. 3 steps + crash in step 5 + resume: same model, EMA and optimizer.
+    Dropout, label dropout, flips, accumulation and the penalty all draw randomness."""
+    extra = ["model.dropout=0.1", "data.hflip=true", "train.grad_accum=2", "diffusion.gamma=0.01",
+             "train.ckpt_every=3", "train.keep_last=5"]
+    cfg = tiny_config(*extra)
+    train(cfg, tmp_path / "straight", progress=False)
+
+    real_loss = trainer_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def crash_in_step_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 1:         # first micro-batch of step 5 (2 micro-batches per step)
+            raise Interrupt()
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", crash_in_step_five)
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", real_loss)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000003"
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(cfg, tmp_path / "resumed", progress=False)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
+    steps = [json.loads(line).get("step") for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(4) == 1            # no duplicate records after resume
+
+
+def test_resume_refuses_a_changed_model(tiny_config, tmp_path):
+    train(tiny_config("train.steps=3"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"model.variant: 'nrdm' -> 'resnet'"):
+        train(tiny_config("train.steps=6", "model.variant=resnet"), tmp_path, resume=True, progress=False)
+    train(tiny_config("train.steps=6"), tmp_path, resume=True, progress=False)      # more steps: allowed
+    assert latest_checkpoint(tmp_path).name == "step-00000006"
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypatch):
+    real_loss = trainer_mod.diffusion_loss
+    bad_calls = {2}
+
+    def nan_loss(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        nan_loss.calls += 1
+        if nan_loss.calls in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    nan_loss.calls = 0
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", nan_loss)
+    summary = train(tiny_config(), tmp_path / "once", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "once" / "log.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["step"] == 2 and skipped[0]["loss"] == "nan"
+    assert summary["steps"] == 6 and all(torch.isfinite(v).all() for v in final_state(tmp_path / "once")[0].values())
+
+    nan_loss.calls = 0
+    bad_calls.update(range(1, 100))
+    with pytest.raises(TrainingStopped, match=r"training stopped at step 3: 3 consecutive steps had a non-finite"):
+        train(tiny_config("train.max_bad_steps=3"), tmp_path / "always", progress=False)
+
+
+def test_diagnostics_are_logged(tiny_config, tmp_path):
+    train(tiny_config("train.diagnostics_every=3", "train.steps=3"), tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    diag = [r["diagnostics"] for r in records if "diagnostics" in r]
+    assert len(diag) == 1
+    n_units = len(diag[0]["unit_variant"])
+    assert n_units > 0 and len(diag[0]["adjoint_norm"]) == n_units
+    assert all(isinstance(v, float) for v in diag[0]["adjoint_norm"])
+
+
+def test_ddp_two_processes_match_one(tiny_config, tiny_overrides, tmp_path):
+    """torchrun, 2 CPU processes with gloo, global batch 16 = 2 x 8, against 1 process x 16."""
+    overrides = ["train.steps=3", "train.ckpt_every=3", "train.device=cpu"]
+    train(tiny_config(*overrides), tmp_path / "one", progress=False)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+            "-m", "nrdm.cli", "train", "digits", "--out", str(tmp_path / "two"), "--no-progress"]
+    for item in tiny_overrides + overrides:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Same losses and gradient norms to float precision; parameters within a fifth of one Adam
+    # step (lr = 1e-3): Adam's g / sqrt(v) turns float-rounding differences of near-zero
+    # gradients (summed in another order by the all-reduce) into visible, bounded differences.
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert logs[1][0]["world_size"] == 2
+    for a, b in zip(logs[0][1:], logs[1][1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert_same_state(final_state(tmp_path / "one"), final_state(tmp_path / "two"), exact=False, atol=2e-4)
+
+
+def test_cli_train_sample_info(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    sets = [arg for item in tiny_overrides + ["train.steps=2"] for arg in ("--set", item)]
+    assert cli_main(["train", "--out", str(run), "--no-progress", *sets]) == 2          # no preset given
+    assert cli_main(["train", "digits", "--out", str(run), "--no-progress", *sets]) == 0
+    assert (run / "samples" / "step-00000002.png").exists()
+    out_png = tmp_path / "grid.png"
+    assert cli_main(["sample", str(run), "--n", "4", "--out", str(out_png), "--steps", "2", "--class", "3"]) == 0
+    from PIL import Image
+    assert Image.open(out_png).size[0] > 0
+    capsys.readouterr()
+    assert cli_main(["info", str(run)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 2 and info["params"] > 0 and info["gflops_per_sample"] > 0
+    assert cli_main(["train", "digits", "--out", str(tmp_path / "x"), "--set", "train.stpes=3"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+    assert cli_main(["sample", str(tmp_path / "empty"), "--out", str(out_png)]) == 2
