@@ -15,10 +15,12 @@ def grid_labels(n: int, num_classes: int) -> torch.Tensor | None:
 @torch.no_grad()
 def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
              sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+             batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
+             clip_x0: float | None = 1.0) -> torch.Tensor:
     """n samples (n, C, H, W) in [-1, 1]. The initial noise and the samplers' noise come from
     CPU generators seeded by `seed`, so results do not depend on the device or batch size
-    (up to floating-point differences between devices)."""
+    (up to floating-point differences between devices). clip_x0 = 1 keeps the sampler's data
+    prediction in the pixel range [-1, 1]; pass None for data without known bounds (latents)."""
     was_training = model.training
     model.eval()
     shape = (model.in_channels, model.image_size, model.image_size)
@@ -31,7 +33,7 @@ def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tenso
         extra = {"eta": eta} if sampler == "ddim" else {}
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
         x = sample(eps_fn, x_T[start:stop].to(device), schedule, sampler, steps, generator=gen,
-                   progress=progress, **extra)
+                   progress=progress, clip_x0=clip_x0, **extra)
         out.append(x.clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out)

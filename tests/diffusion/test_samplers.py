@@ -161,3 +161,15 @@ def test_guidance_scale_one_is_conditional_and_zero_is_unconditional():
     torch.testing.assert_close(guided_output(model, x, t, labels, 3.0, 2),
                                unconditional + 3.0 * (conditional - unconditional))
     torch.testing.assert_close(eps_predictor(model, schedule, labels, cfg_scale=1.0)(x, t), conditional)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "ddpm"])
+def test_clip_x0_bounds_the_output(sampler):
+    """Data known to lie in [-c, c]: with clip_x0 = c the final sample (a clamped x0) does too,
+    and without it the wide Gaussian's samples exceed c."""
+    schedule = VPSchedule("linear")
+    fn = exact_eps_fn(schedule)
+    gen = lambda: torch.Generator().manual_seed(0)
+    free = sample(fn, noise(2000), schedule, sampler, 20, generator=gen())
+    clipped = sample(fn, noise(2000), schedule, sampler, 20, generator=gen(), clip_x0=0.5)
+    assert free.abs().max() > 0.5 and clipped.abs().max() <= 0.5

@@ -115,11 +115,13 @@ def test_diagnostics_are_logged(tiny_config, tmp_path):
     assert all(isinstance(v, float) for v in diag[0]["adjoint_norm"])
 
 
-def test_ddp_two_processes_match_one(tiny_config, tiny_overrides, tmp_path):
-    """torchrun, 2 CPU processes with gloo, global batch 16 = 2 x 8, against 1 process x 16."""
-    overrides = ["train.steps=3", "train.ckpt_every=3", "train.device=cpu"]
-    train(tiny_config(*overrides), tmp_path / "one", progress=False)
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny_config, tiny_overrides, tmp_path, parallel):
+    """torchrun, 2 CPU processes with gloo, global batch 16 = 2 x 8, against 1 process x 16;
+    DDP replicates the model, FSDP shards it (and the checkpoint is gathered unsharded)."""
+    overrides = ["train.steps=3", "train.ckpt_every=3", "train.device=cpu", f"train.parallel={parallel}"]
+    train(tiny_config(*overrides[:-1]), tmp_path / "one", progress=False)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29531 + (parallel == 'fsdp')}",
             "-m", "nrdm.cli", "train", "digits", "--out", str(tmp_path / "two"), "--no-progress"]
     for item in tiny_overrides + overrides:
         args += ["--set", item]

@@ -49,17 +49,23 @@ def _steps(path, progress: bool, name: str):
 
 @torch.no_grad()
 def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int, eta: float = 0.0,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                generator: torch.Generator | None = None, progress: bool = False,
+                clip_x0: float | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021). eta = 0: deterministic probability-flow discretisation;
     eta = 1: ancestral DDPM sampling. From step t to s (abar a_t -> a_s):
 
         x0  = (x - sqrt(1 - a_t) eps) / sqrt(a_t)
         sig = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)
         x_s = sqrt(a_s) x0 + sqrt(1 - a_s - sig^2) eps + sig z
+
+    clip_x0 = c clamps x0 to [-c, c] (data known to lie there) and re-derives eps from it.
     """
     for t, a_t, a_s in _steps(_path(schedule, steps), progress, "ddim" if eta == 0 else f"ddim eta={eta}"):
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
         x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma ** 2, 0.0)) * eps
         if sigma > 0:
@@ -68,16 +74,18 @@ def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int
 
 
 def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                generator: torch.Generator | None = None, progress: bool = False,
+                clip_x0: float | None = None) -> torch.Tensor:
     """Ancestral DDPM sampling on any sub-sequence of steps: each step draws from the Gaussian
     posterior q(x_s | x_t, x0_hat), whose variance (1-a_s)/(1-a_t) (1 - a_t/a_s) is exactly DDIM's
     sigma^2 at eta = 1 (and DDPM's beta-tilde when steps = T)."""
-    return sample_ddim(eps_fn, x, schedule, steps, eta=1.0, generator=generator, progress=progress)
+    return sample_ddim(eps_fn, x, schedule, steps, eta=1.0, generator=generator, progress=progress, clip_x0=clip_x0)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int,
-                    generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                    generator: torch.Generator | None = None, progress: bool = False,
+                    clip_x0: float | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in the data prediction.
 
     With alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma), h = lambda_s - lambda_t:
@@ -85,11 +93,14 @@ def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps:
         D   = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h   (later steps)
         x_s = (sigma_s / sigma_t) x - alpha_s (exp(-h) - 1) D
     The last step (a_s = 1) returns the data prediction. `generator` is unused (deterministic).
+    clip_x0 = c clamps the data prediction x0 to [-c, c].
     """
     x0_prev, h_prev = None, None
     for t, a_t, a_s in _steps(_path(schedule, steps), progress, "dpm++2m"):
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
         if a_s >= 1.0:
             return x0
         lam_t = 0.5 * math.log(a_t / (1 - a_t))

@@ -20,10 +20,11 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
+        # under FSDP the live parameters are shards (DTensor): gather them for the full EMA copy
+        params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
         for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+            e.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -143,26 +144,27 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     schedule = build_schedule(cfg)
     loss_cfg = build_loss_config(cfg)
     ema = EMA(model, tc.ema_decay)
+    if loaded is not None:
+        model.load_state_dict(loaded["model"])
+        ema.load_state_dict(loaded["ema"])
+
+    wrapped: nn.Module = _wrap_parallel(model, tc.parallel, env) if env.distributed else model
+    if tc.compile:
+        wrapped = torch.compile(wrapped)
+    # the optimizer comes after wrapping: FSDP replaces the parameters by sharded ones
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas))
     warmup = max(tc.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     scaler = torch.amp.GradScaler(env.device.type) if tc.precision == "fp16" else None
     start_step, bad_steps = 0, 0
+    fsdp = env.distributed and tc.parallel == "fsdp"
     if loaded is not None:
-        model.load_state_dict(loaded["model"])
-        ema.load_state_dict(loaded["ema"])
         state = loaded["state"]
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step, bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
-
-    wrapped: nn.Module = model
-    if tc.compile:
-        wrapped = torch.compile(wrapped)
-    if env.distributed:
-        wrapped = _wrap_parallel(wrapped, tc.parallel, env)
 
     stream = BatchStream(dataset, tc.batch_size, tc.seed, env.rank, env.world_size, tc.grad_accum,
                          cfg.data.hflip, cfg.data.num_workers)
@@ -209,7 +211,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
 
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           tc.grad_clip if tc.grad_clip > 0 else math.inf))
         step_loss = all_reduce_mean(loss_sum, env)
         finite_loss = bool(torch.isfinite(step_loss).all())
         ok = finite_loss if scaler is not None else (finite_loss and bool(torch.isfinite(grad_norm)))
@@ -244,7 +247,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                     f"gradient. Lower train.lr, keep train.grad_clip > 0, use train.precision=fp32 or bf16, or "
                     f"check the data for NaNs. Last good checkpoint: {last if last else 'none'}.")
         with warnings.catch_warnings():          # a skipped first step still advances the lr schedule
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             scheduler.step()
         window["steps"] += 1
         bar.update(1)
@@ -264,9 +267,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             window = {"loss": 0.0, "mse": 0.0, "penalty": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
 
         if done % tc.ckpt_every == 0 or done == tc.steps:
+            model_state, optimizer_state = full_states(model, optimizer, fsdp)   # collective under FSDP
             if env.is_main:
-                save_checkpoint(out, done, model.state_dict(), ema.state_dict(),
-                                {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                save_checkpoint(out, done, model_state, ema.state_dict(),
+                                {"step": done, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                  "scaler": scaler.state_dict() if scaler is not None else {}, "bad_steps": bad_steps,
                                  "seed": tc.seed, "world_size": env.world_size},
                                 cfg.to_yaml(), tc.keep_last)
@@ -294,8 +298,62 @@ def _num(value) -> float | str:
     return v if math.isfinite(v) else str(v)
 
 
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly sharded (DTensor) one."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def _wrap_parallel(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
+    """DDP: replicate the model, all-reduce gradients. FSDP (FSDP2 `fully_shard`): shard
+    parameters, gradients and optimizer state across ranks, block by block, for models that do
+    not fit one device; `model` itself becomes the sharded module."""
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    raise ValueError(f"train.parallel={parallel!r} is not supported yet; use ddp")
+    from torch.distributed.fsdp import fully_shard
+
+    from nrdm.models.blocks import TransformerBlock
+    from nrdm.models.unet import Stage
+    for module in model.modules():
+        if isinstance(module, (TransformerBlock, Stage)):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_states(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts, the optimizer's keyed by parameter name (the
+    same format with and without FSDP). Under FSDP all ranks must call; rank 0 gets them on CPU."""
+    if not fsdp:
+        return model.state_dict(), _optimizer_state_by_name(model, optimizer)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    index = _param_index(model, optimizer)
+    name_to_index = {name: i for i, name in index.items()}
+    optimizer.load_state_dict({
+        "state": {name_to_index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**group, "params": [name_to_index[n] for n in group["params"]]}
+                         for group in state["param_groups"]]})
+
+
+def _param_index(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Optimizer state index -> parameter name (indices run over the param groups in order)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: names[id(p)] for i, p in enumerate(params)}
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    index = _param_index(model, optimizer)
+    sd = optimizer.state_dict()
+    return {"state": {index[i]: value for i, value in sd["state"].items()},
+            "param_groups": [{**group, "params": [index[i] for i in group["params"]]} for group in sd["param_groups"]]}
