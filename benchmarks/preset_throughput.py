@@ -1,0 +1,51 @@
+"""Training throughput (steps/s, images/s) of presets in fp32 and bf16, measured side by side in
+one run through the real trainer (data loading, EMA and logging included; no checkpoints or
+samples inside the timed window).
+
+    python benchmarks/preset_throughput.py [--presets digits fashion] [--steps 60] [--rounds 2]
+"""
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from nrdm.config import load_config
+from nrdm.training import train
+
+
+def measure(preset: str, precision: str, steps: int, workdir: Path) -> float:
+    cfg = load_config(preset, [f"train.precision={precision}", f"train.steps={steps}",
+                               f"train.log_every={steps // 2}", f"train.ckpt_every={10 * steps}",
+                               "sample.n=1", "sample.steps=1", "train.warmup_steps=1"])
+    run = workdir / f"{preset}-{precision}-{len(list(workdir.iterdir()))}"
+    train(cfg, run, progress=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "steps_per_s" in r]
+    return timed[-1]["steps_per_s"], cfg.train.batch_size          # second half: after warm-up
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["digits", "fashion"])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):                                 # interleaved rounds
+            for preset in args.presets:
+                for precision in ("fp32", "bf16"):
+                    sps, batch = measure(preset, precision, args.steps, Path(tmp))
+                    results.setdefault((preset, precision), []).append(sps)
+                    results[(preset, "batch")] = batch
+    print(f"{'preset':<10} {'precision':<9} {'steps/s':>8} {'images/s':>9} {'vs fp32':>8}")
+    for preset in args.presets:
+        base = statistics.median(results[(preset, "fp32")])
+        for precision in ("fp32", "bf16"):
+            sps = statistics.median(results[(preset, precision)])
+            print(f"{preset:<10} {precision:<9} {sps:>8.2f} {sps * results[(preset, 'batch')]:>9.0f} {sps / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
