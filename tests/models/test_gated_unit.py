@@ -165,7 +165,7 @@ def test_sensitivity_estimate_matches_exact(variant, case):
     zM = z1.expand(M, *z1.shape[1:])
     condM = Conditioning(cond1.vec.expand(M, -1), cond1.tau.expand(M))
     probes = torch.randn(zM.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    estimate = unit.sensitivity(zM, condM, probes).mean()
+    estimate = unit.sensitivity(zM, condM, probes).mean().detach()
     std_error = math.sqrt(2 * float(((A.T @ A) ** 2).sum()) / M) / D
     assert abs(float(estimate) - float(exact)) < 5 * std_error, (float(estimate), float(exact), std_error)
 
