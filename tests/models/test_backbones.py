@@ -166,3 +166,19 @@ def test_units_are_the_only_residual_updates():
     n_units = sum(isinstance(m, GatedResidual) for m in model.modules())
     # UNet-T: 2 levels x 1 stage down + up (conv, +attention at res <= 16: all) + middle (conv, attn, conv)
     assert n_units == 2 * (2 * 2) + 3
+
+
+@pytest.mark.parametrize("backbone", list(TINY))
+def test_gradient_checkpointing_gives_the_same_gradients(backbone):
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny(backbone)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)       # leave init so every unit gets a gradient
+        model.grad_checkpointing = checkpointing
+        x, t, labels = inputs(model)
+        model(x, t, labels).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

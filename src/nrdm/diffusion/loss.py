@@ -87,6 +87,9 @@ class NoiseDraws:
     def slice(self, start: int, stop: int) -> "NoiseDraws":
         return NoiseDraws(self.t[start:stop], self.noise[start:stop], self.drop[start:stop])
 
+    def to(self, device) -> "NoiseDraws":
+        return NoiseDraws(self.t.to(device), self.noise.to(device), self.drop.to(device))
+
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, schedule: VPSchedule,
                    config: LossConfig = LossConfig(), generator: torch.Generator | None = None,

@@ -115,6 +115,12 @@ class Backbone(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def _set_io(self, image_size: int, in_channels: int, patch_size: int, num_classes: int, num_timesteps: int,
+                unit: UnitConfig | str) -> None:
+        self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
+        self.num_classes, self.num_timesteps = num_classes, num_timesteps
+        self.unit = UnitConfig.parse(unit)
+
     @property
     def null_class(self) -> int:
         return self.num_classes

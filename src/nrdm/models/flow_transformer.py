@@ -45,9 +45,7 @@ class FlowTransformer(Backbone):
         check_heads(width, heads)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
-        self.num_classes, self.num_timesteps = num_classes, num_timesteps
-        self.unit = UnitConfig.parse(unit)
+        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit)
         grid = image_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)

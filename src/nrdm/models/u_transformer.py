@@ -32,9 +32,7 @@ class UShapedTransformer(Backbone):
         check_heads(width, heads)
         if depth < 3:
             raise ValueError(f"a U-shaped transformer needs depth >= 3 (in-block, middle, out-block), got {depth}")
-        self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
-        self.num_classes, self.num_timesteps = num_classes, num_timesteps
-        self.unit = UnitConfig.parse(unit)
+        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit)
         n_side = (depth - 1) // 2
         n_tokens = (image_size // patch_size) ** 2
         self.n_extra = 1 + (num_classes > 0)                     # time token (+ class token)

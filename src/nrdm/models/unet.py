@@ -59,9 +59,7 @@ class UNet(Backbone):
         channels = [width * m for m in channel_mult]
         for ch in channels:
             check_heads(ch, heads)
-        self.image_size, self.in_channels, self.patch_size = image_size, in_channels, 1
-        self.num_classes, self.num_timesteps = num_classes, num_timesteps
-        self.unit = UnitConfig.parse(unit)
+        self._set_io(image_size, in_channels, 1, num_classes, num_timesteps, unit)
         cond_dim = 4 * width
 
         self.embed = ConditionEmbedder(cond_dim, num_classes, num_timesteps)

@@ -193,8 +193,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
         tracer = None
         micro_batches = stream.step(step)
         for i, (x, y) in enumerate(micro_batches):
-            d = draws.slice(i * stream.micro, (i + 1) * stream.micro)
-            d = NoiseDraws(d.t.to(env.device), d.noise.to(env.device), d.drop.to(env.device))
+            d = draws.slice(i * stream.micro, (i + 1) * stream.micro).to(env.device)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             last_micro = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if (last_micro or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
@@ -266,6 +265,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}")
             window = {"loss": 0.0, "mse": 0.0, "penalty": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
 
+        io_start = time.perf_counter()                  # checkpoint and sample time is not training time
         if done % tc.ckpt_every == 0 or done == tc.steps:
             model_state, optimizer_state = full_states(model, optimizer, fsdp)   # collective under FSDP
             if env.is_main:
@@ -277,6 +277,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             barrier(env)
         if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device)
+        window["t0"] += time.perf_counter() - io_start
     bar.close()
     grid = out / "samples" / f"step-{tc.steps:08d}.png"
     return {"steps": tc.steps, "final_loss": last_loss, "samples": str(grid) if grid.exists() else None,
