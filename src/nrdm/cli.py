@@ -1,7 +1,8 @@
-"""Command line: `nrdm train | sample | info`.
+"""Command line: `nrdm train | sample | eval | info`.
 
     nrdm train digits --out runs/digits [--set train.steps=500]... [--resume]
     nrdm sample runs/digits --n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
+    nrdm eval runs/digits --n 1000 --json metrics.json [--sampler --steps --cfg --seed --ref fashion:test]
     nrdm info runs/digits            (or a preset / YAML: validate it and count parameters and FLOPs)
 
 Multi-process: torchrun --nproc_per_node=N -m nrdm.cli train ...  (same arguments)
@@ -83,6 +84,32 @@ def _sample(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from nrdm.metrics.evaluate import evaluate, feature_network, format_table
+
+    cfg, model, schedule, ckpt = _load_run(Path(args.run), use_ema=not args.no_ema)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    data_cfg = cfg.data
+    if args.ref:
+        from dataclasses import replace
+        data_cfg = replace(cfg.data, name=args.ref.partition(":")[0])
+    net = feature_network(data_cfg, args.feature_net, args.domain_epochs)
+    result = evaluate(model, schedule, cfg, n=args.n, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
+                      seed=args.seed, ref=args.ref, net=net, device=device,
+                      extra_protocol={"checkpoint": str(ckpt), "step": int(ckpt.name.split("-")[1]),
+                                      "weights": "raw" if args.no_ema else "ema"})
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)
+        print(f"wrote {path}")
+    return 0
+
+
 def _info(args) -> int:
     from nrdm.config import load_config
     from nrdm.factory import build_model_from_config, validate
@@ -136,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--scale", type=int, help="enlarge the grid by this factor")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="FID/KID/IS/precision/recall/class accuracy of a run, protocol in JSON")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--n", type=int, default=1000, help="number of generated samples")
+    p.add_argument("--json", help="write metrics and protocol to this JSON file")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ref", help="reference data NAME[:SPLIT] (default: the run's dataset, held-out split)")
+    p.add_argument("--feature-net", help="domain (default for digits/mnist/fashion), inception (file from "
+                                         "$NRDM_INCEPTION) or a path to the TorchScript Inception file")
+    p.add_argument("--domain-epochs", type=int, default=15, help="training epochs of a new domain network")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("info", help="config, parameters, FLOPs and step of a run (or of a preset/YAML)")
     p.add_argument("target", help="run directory, preset name or YAML file")

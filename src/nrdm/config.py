@@ -89,6 +89,8 @@ class TrainConfig:
     keep_last: int = 2
     sample_every: int = 0                   # 0 = only at the end
     diagnostics_every: int = 0              # 0 = off
+    eval_every: int = 0                     # 0 = off; metrics of the EMA weights with the domain network
+    eval_n: int = 500                       # samples per evaluation during training
     max_bad_steps: int = 5                  # consecutive non-finite steps before stopping
 
 

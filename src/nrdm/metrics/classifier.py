@@ -27,7 +27,13 @@ class SmallCNN(nn.Module):
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 10,
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress: bool = False) -> SmallCNN:
-    """Fit SmallCNN on in-memory images in [-1, 1] with light shift augmentation."""
+    """Fit SmallCNN on in-memory images in [-1, 1] with light shift augmentation. Deterministic
+    for a seed; the caller's global RNG state and grad mode are left untouched."""
+    with torch.random.fork_rng(), torch.enable_grad():
+        return _train_classifier(images, labels, num_classes, epochs, batch_size, lr, seed, progress)
+
+
+def _train_classifier(images, labels, num_classes, epochs, batch_size, lr, seed, progress) -> SmallCNN:
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)

@@ -277,6 +277,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             barrier(env)
         if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device)
+        if env.is_main and tc.eval_every and done % tc.eval_every == 0:
+            from nrdm.metrics.evaluate import evaluate
+            result = evaluate(ema.model, schedule, cfg, n=tc.eval_n, device=env.device, progress=False)
+            log.write({"step": done, "eval": result["metrics"],
+                       "eval_protocol": {k: result["protocol"][k] for k in
+                                         ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")}})
         window["t0"] += time.perf_counter() - io_start
     bar.close()
     grid = out / "samples" / f"step-{tc.steps:08d}.png"

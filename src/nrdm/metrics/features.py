@@ -1,0 +1,167 @@
+"""Feature networks for the metrics, all behind one interface:
+
+    net(images in [-1, 1]) -> {"pool": (N, D), "probs": (N, K) or absent, "spatial": (N, S) or absent}
+
+- `TorchScriptInception`: the TorchScript Inception-v3 of StyleGAN2-ADA / EDM / clean-fid
+  (`inception-2015-12-05.pt`), loaded from a local file: FID/KID/PR on its 2048-D pool features,
+  IS on its 1008-way softmax. It takes uint8 RGB of any size and resizes internally to 299.
+- `TorchScriptI3D`: StyleGAN-V's TorchScript I3D (`i3d_torchscript.pt`) for FVD: 400-D
+  features of (N, 3, T, H, W) videos in [-1, 1], resized internally to 224.
+- `DomainNetwork`: a small CNN the project trains itself on its benchmark data (digits,
+  Fashion-MNIST), cached with a content hash, so every metric runs offline and reproducibly.
+
+Every network has `name` and `content_hash` (sha256 of its weights file): recorded beside every
+number it produces.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from nrdm.metrics.classifier import SmallCNN, accuracy, train_classifier
+
+INCEPTION_ENV = "NRDM_INCEPTION"
+I3D_ENV = "NRDM_I3D"
+INCEPTION_SOURCE = ("inception-2015-12-05.pt, the TorchScript Inception-v3 published with NVIDIA's "
+                    "StyleGAN2-ADA metrics (nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                    "inception-2015-12-05.pt; also used by EDM and clean-fid)")
+I3D_SOURCE = ("i3d_torchscript.pt, the TorchScript I3D published with StyleGAN-V's FVD code "
+              "(www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt)")
+
+
+def cache_dir() -> Path:
+    """Where domain networks and reference statistics are cached: $NRDM_CACHE or ~/.cache/nrdm."""
+    return Path(os.environ.get("NRDM_CACHE", Path.home() / ".cache" / "nrdm"))
+
+
+def file_hash(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolve(path: str | Path | None, env: str, source: str, what: str) -> Path:
+    path = path or os.environ.get(env)
+    if not path or not Path(path).is_file():
+        where = f"at {path}" if path else f"(no path given and ${env} is not set)"
+        raise FileNotFoundError(f"{what} not found {where}. It is {source}. Download it once, then pass its path "
+                                f"(--feature-net PATH) or set {env}=/path/to/file.")
+    return Path(path)
+
+
+def _load_torchscript(path: Path, device) -> torch.jit.ScriptModule:
+    """The published metric networks are TorchScript files; torch marks the loader deprecated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
+
+
+def _to_rgb(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    if x.shape[channel_dim] == 1:
+        return x.repeat_interleave(3, dim=channel_dim)
+    if x.shape[channel_dim] != 3:
+        raise ValueError(f"feature networks take 1- or 3-channel inputs, got {x.shape[channel_dim]} channels")
+    return x
+
+
+class TorchScriptInception:
+    kind = "image"
+
+    def __init__(self, path: str | Path | None = None, device="cpu"):
+        path = _resolve(path, INCEPTION_ENV, INCEPTION_SOURCE, "Inception-v3 TorchScript file")
+        self.net = _load_torchscript(path, device)
+        self.device = device
+        self.name = f"inception-v3-torchscript:{path.name}"
+        self.content_hash = file_hash(path)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """images (N, C, H, W) in [-1, 1] -> uint8 RGB, as the network expects."""
+        x = ((_to_rgb(images).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(self.device)
+        pool = self.net(x, return_features=True)
+        probs = self.net(x, no_output_bias=True)
+        return {"pool": pool.float().cpu().numpy(), "probs": probs.float().cpu().numpy()}
+
+
+class TorchScriptI3D:
+    kind = "video"
+
+    def __init__(self, path: str | Path | None = None, device="cpu"):
+        path = _resolve(path, I3D_ENV, I3D_SOURCE, "I3D TorchScript file")
+        self.net = _load_torchscript(path, device)
+        self.device = device
+        self.name = f"i3d-torchscript:{path.name}"
+        self.content_hash = file_hash(path)
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor) -> dict[str, np.ndarray]:
+        """videos (N, C, T, H, W) in [-1, 1] (StyleGAN-V: rescale=False, resize=True)."""
+        x = _to_rgb(videos).clamp(-1, 1).float().to(self.device)
+        feats = self.net(x, rescale=False, resize=True, return_features=True)
+        return {"pool": feats.float().cpu().numpy()}
+
+
+class DomainNetwork:
+    """A SmallCNN classifier on the benchmark data: 'pool' = its 128-D penultimate features,
+    'probs' = softmax over the dataset's classes, 'spatial' = the first 7 channels of its last
+    feature map (the sFID recipe, on this network)."""
+
+    kind = "image"
+
+    def __init__(self, model: SmallCNN, name: str, content_hash: str, meta: dict):
+        self.model, self.name, self.content_hash, self.meta = model.eval(), name, content_hash, meta
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        fmap = self.model.features[:-2](images.float())                  # (N, 128, h, w) before pooling
+        pool = self.model.features[-2:](fmap)                            # (N, 128)
+        probs = self.model.head(pool).softmax(-1)
+        spatial = fmap[:, :7].flatten(1)
+        return {"pool": pool.numpy(), "probs": probs.numpy(), "spatial": spatial.numpy()}
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.head.out_features
+
+
+def domain_network(data_cfg, epochs: int = 15, progress: bool = True) -> DomainNetwork:
+    """The cached domain network for a dataset config (digits, mnist, fashion), trained on its
+    train split on first use (deterministic, seconds to minutes on a CPU)."""
+    from nrdm.data.datasets import build_dataset, load_digits_dataset
+
+    if data_cfg.name not in ("digits", "mnist", "fashion"):
+        raise ValueError(f"no built-in domain network for data.name={data_cfg.name!r} (digits, mnist, fashion); "
+                         f"use the Inception network (--feature-net inception)")
+    key = f"{data_cfg.name}-{data_cfg.image_size}px-smallcnn-e{epochs}"
+    root = cache_dir() / "feature-nets"
+    weights, meta_file = root / f"{key}.safetensors", root / f"{key}.json"
+    if not weights.exists():
+        if data_cfg.name == "digits":
+            train_set = load_digits_dataset(data_cfg.image_size, "train-only")
+            test_set = load_digits_dataset(data_cfg.image_size, "test")
+        else:
+            train_set = build_dataset(type(data_cfg)(**{**data_cfg.__dict__, "split": "train"}))
+            test_set = build_dataset(type(data_cfg)(**{**data_cfg.__dict__, "split": "test"}))
+        model = train_classifier(train_set.images, train_set.labels, train_set.num_classes, epochs=epochs,
+                                 progress=progress)
+        meta = {"dataset": data_cfg.name, "image_size": data_cfg.image_size, "epochs": epochs,
+                "train_images": len(train_set), "test_accuracy": accuracy(model, test_set.images, test_set.labels),
+                "num_classes": train_set.num_classes, "in_channels": train_set.channels}
+        root.mkdir(parents=True, exist_ok=True)
+        meta_file.write_text(json.dumps(meta, indent=2))
+        tmp = weights.with_suffix(".tmp")                       # weights last: their presence means done
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.replace(weights)
+    meta = json.loads(meta_file.read_text())
+    model = SmallCNN(meta["in_channels"], meta["num_classes"])
+    model.load_state_dict(load_file(str(weights)))
+    return DomainNetwork(model, f"domain:{key}", file_hash(weights), meta)
