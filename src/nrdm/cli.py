@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="reference data NAME[:SPLIT] (default: the run's dataset, held-out split)")
     p.add_argument("--feature-net", help="domain (default for digits/mnist/fashion), inception (file from "
                                          "$NRDM_INCEPTION) or a path to the TorchScript Inception file")
-    p.add_argument("--domain-epochs", type=int, default=15, help="training epochs of a new domain network")
+    p.add_argument("--domain-epochs", type=int, help="training epochs of a new domain network (default: auto)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_eval)

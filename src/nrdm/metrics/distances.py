@@ -33,7 +33,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     error are dropped, large ones are an error.
     """
     diff = a.mu - b.mu
-    covmean, _ = scipy.linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+    covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
         eps = 1e-6 * np.eye(len(a.mu))
         covmean = scipy.linalg.sqrtm((a.sigma + eps) @ (b.sigma + eps))

@@ -94,7 +94,7 @@ def git_commit() -> str | None:
         return None
 
 
-def feature_network(data_cfg, spec: str | None = None, domain_epochs: int = 15, progress: bool = True):
+def feature_network(data_cfg, spec: str | None = None, domain_epochs: int | None = None, progress: bool = True):
     """spec: None/"domain" (built-in network of digits/mnist/fashion), "inception" (TorchScript file
     from $NRDM_INCEPTION), or a path to the TorchScript Inception file."""
     if spec in (None, "domain"):
