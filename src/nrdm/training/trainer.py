@@ -40,8 +40,8 @@ from nrdm.utils.images import save_grid
 
 # config keys that may change when a run is resumed
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_every",
-                     "train.diagnostics_every", "train.max_bad_steps", "train.num_workers", "data.num_workers",
-                     "data.root", "sample.")
+                     "train.diagnostics_every", "train.eval_every", "train.eval_n", "train.max_bad_steps",
+                     "data.num_workers", "data.root", "sample.")
 
 
 class TrainingStopped(RuntimeError):
