@@ -110,6 +110,29 @@ def _eval(args) -> int:
     return 0
 
 
+def _lab(args) -> int:
+    from nrdm.lab.grid import run_grid, toy_grid
+    from nrdm.lab.plots import plot_all, summarize, write_csv
+
+    out = Path(args.out)
+    cells = toy_grid(args.dataset, args.variants, args.depths, args.gammas, args.seeds, width=args.width,
+                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, penalty_units=args.penalty_units)
+    records = run_grid(cells, out / "results.jsonl", progress=not args.no_progress,
+                       eval_n=args.eval_n, sample_steps=args.sample_steps)
+    keys = {c.key for c in cells}
+    records = [r for r in records if r["key"] in keys]
+    rows = summarize(records)
+    write_csv(rows, out / "summary.csv")
+    plots = plot_all(records, out / "plots")
+    print(f"{'variant':<12}{'depth':>6}{'gamma':>8}{'energy (mean+-std)':>24}{'diverged':>10}")
+    for r in rows:
+        print(f"{r['variant']:<12}{r['depth']:>6}{r['gamma']:>8g}{r['energy_mean']:>14.4f} +- {r['energy_std']:<7.4f}"
+              f"{r['diverged']:>6}/{r['seeds']}")
+    print(f"floor (real vs real, n={args.eval_n}): {rows[0]['energy_floor']:.4f}; wrote {out / 'summary.csv'} and "
+          f"{len(plots)} plots in {out / 'plots'}")
+    return 0
+
+
 def _info(args) -> int:
     from nrdm.config import load_config
     from nrdm.factory import build_model_from_config, validate
@@ -179,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("lab", help="depth-scaling lab: a resumable {variant} x {depth} x {gamma} x {seed} grid")
+    lab = p.add_subparsers(dest="lab", required=True)
+    p = lab.add_parser("toy", help="toy distributions with exact ground truth (energy distance)")
+    p.add_argument("--out", required=True, help="grid directory (results.jsonl, summary.csv, plots/)")
+    p.add_argument("--dataset", default="gmm2d", choices=["gmm2d", "moons", "gmm16"])
+    p.add_argument("--variants", nargs="+", default=["nrdm", "adaln", "scaled-skip", "resnet", "rezero", "adaln-zero"])
+    p.add_argument("--depths", nargs="+", type=int, default=[8, 32, 128])
+    p.add_argument("--gammas", nargs="+", type=float, default=[0.0, 0.01])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--penalty-units", type=int, default=1)
+    p.add_argument("--eval-n", type=int, default=2000)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_lab)
 
     p = sub.add_parser("info", help="config, parameters, FLOPs and step of a run (or of a preset/YAML)")
     p.add_argument("target", help="run directory, preset name or YAML file")

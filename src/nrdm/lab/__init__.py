@@ -1,0 +1,1 @@
+"""Depth-scaling lab: resumable grids over residual variants, depths, penalty weights and seeds."""
