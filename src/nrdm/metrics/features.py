@@ -73,15 +73,25 @@ def _to_rgb(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     return x
 
 
-class TorchScriptInception:
-    kind = "image"
+class _TorchScriptNetwork:
+    """A published TorchScript metric network loaded from a local file (path, or $ENV)."""
+
+    env: str
+    source: str
+    what: str
+    prefix: str
 
     def __init__(self, path: str | Path | None = None, device="cpu"):
-        path = _resolve(path, INCEPTION_ENV, INCEPTION_SOURCE, "Inception-v3 TorchScript file")
+        path = _resolve(path, self.env, self.source, self.what)
         self.net = _load_torchscript(path, device)
         self.device = device
-        self.name = f"inception-v3-torchscript:{path.name}"
+        self.name = f"{self.prefix}:{path.name}"
         self.content_hash = file_hash(path)
+
+
+class TorchScriptInception(_TorchScriptNetwork):
+    kind, env, source = "image", INCEPTION_ENV, INCEPTION_SOURCE
+    what, prefix = "Inception-v3 TorchScript file", "inception-v3-torchscript"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -92,15 +102,9 @@ class TorchScriptInception:
         return {"pool": pool.float().cpu().numpy(), "probs": probs.float().cpu().numpy()}
 
 
-class TorchScriptI3D:
-    kind = "video"
-
-    def __init__(self, path: str | Path | None = None, device="cpu"):
-        path = _resolve(path, I3D_ENV, I3D_SOURCE, "I3D TorchScript file")
-        self.net = _load_torchscript(path, device)
-        self.device = device
-        self.name = f"i3d-torchscript:{path.name}"
-        self.content_hash = file_hash(path)
+class TorchScriptI3D(_TorchScriptNetwork):
+    kind, env, source = "video", I3D_ENV, I3D_SOURCE
+    what, prefix = "I3D TorchScript file", "i3d-torchscript"
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor) -> dict[str, np.ndarray]:

@@ -149,7 +149,7 @@ class LabelEmbedder(nn.Module):
         nn.init.normal_(self.table.weight, std=0.02)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if labels.min() < 0 or labels.max() > self.num_classes:
+        if bool(((labels < 0) | (labels > self.num_classes)).any()):     # one device sync
             raise ValueError(
                 f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class); "
                 f"got range [{int(labels.min())}, {int(labels.max())}]")
