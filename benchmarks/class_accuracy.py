@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nrdm.cli import _load_run
+from nrdm.factory import load_run
 from nrdm.data import build_dataset
 from nrdm.data.datasets import load_digits_dataset
 from nrdm.metrics.classifier import accuracy, predict, train_classifier
@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
 
-    cfg, model, schedule, ckpt = _load_run(Path(args.run))
+    cfg, model, schedule, ckpt = load_run(Path(args.run))
     if cfg.data.name == "digits":
         train_set = load_digits_dataset(cfg.data.image_size, "train-only")
         test_set = load_digits_dataset(cfg.data.image_size, "test")

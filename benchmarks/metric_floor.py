@@ -4,13 +4,9 @@ built-in domain networks (what a perfect generator would score at these sample c
     python benchmarks/metric_floor.py [--datasets digits:16 fashion:28] [--n 2000]
 """
 import argparse
-import dataclasses
-
-import torch
 
 from nrdm.config import DataConfig
-from nrdm.data.datasets import build_dataset, load_digits_dataset
-from nrdm.metrics.evaluate import compute_metrics, extract, reference_features
+from nrdm.metrics.evaluate import real_floor
 from nrdm.metrics.features import domain_network
 
 
@@ -23,13 +19,8 @@ def main():
         name, size = spec.split(":")
         cfg = DataConfig(name=name, image_size=int(size))
         net = domain_network(cfg)
-        real = reference_features(cfg, "test", net)
-        train = (load_digits_dataset(cfg.image_size, "train-only") if name == "digits"
-                 else build_dataset(dataclasses.replace(cfg, split="train")))
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:args.n]
-        images, labels = train.batch(pick)
-        metrics = compute_metrics(real, extract(net, images), labels.numpy())
-        print(f"{name} {size}px: {len(pick)} train vs {len(real['pool'])} test images, {net.name} "
+        metrics = real_floor(cfg, args.n, net, progress=True)
+        print(f"{name} {size}px: {args.n} train vs held-out test images, {net.name} "
               f"(sha256 {net.content_hash[:12]}, held-out accuracy {net.meta['test_accuracy']:.3f})")
         print("  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 

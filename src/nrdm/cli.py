@@ -1,8 +1,9 @@
-"""Command line: `nrdm train | sample | eval | info`.
+"""Command line: `nrdm train | sample | eval | lab | info`.
 
     nrdm train digits --out runs/digits [--set train.steps=500]... [--resume]
     nrdm sample runs/digits --n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
     nrdm eval runs/digits --n 1000 --json metrics.json [--sampler --steps --cfg --seed --ref fashion:test]
+    nrdm lab toy --out runs/lab-toy  /  nrdm lab image --out runs/lab-image   (depth-scaling grids)
     nrdm info runs/digits            (or a preset / YAML: validate it and count parameters and FLOPs)
 
 Multi-process: torchrun --nproc_per_node=N -m nrdm.cli train ...  (same arguments)
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import torch
 import yaml
+
+
+from nrdm.factory import load_run
 
 
 def _train(args) -> int:
@@ -42,26 +46,11 @@ def _train(args) -> int:
     return 0
 
 
-def _load_run(run_dir: Path, use_ema: bool = True):
-    from nrdm.config import from_dict
-    from nrdm.factory import build_model_from_config, build_schedule
-    from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint
-
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise ValueError(f"{run_dir} holds no checkpoint (expected {run_dir}/checkpoints/step-XXXXXXXX/)")
-    loaded = load_checkpoint(ckpt, weights_only=True)
-    cfg = from_dict(yaml.safe_load(loaded["config_yaml"]))
-    model = build_model_from_config(cfg)
-    model.load_state_dict(loaded["ema" if use_ema else "model"])
-    return cfg, model.eval(), build_schedule(cfg), ckpt
-
-
 def _sample(args) -> int:
     from nrdm.sampling import generate, grid_labels
     from nrdm.utils.images import save_grid
 
-    cfg, model, schedule, ckpt = _load_run(Path(args.run), use_ema=not args.no_ema)
+    cfg, model, schedule, ckpt = load_run(Path(args.run), use_ema=not args.no_ema)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     s = cfg.sample
@@ -87,7 +76,7 @@ def _sample(args) -> int:
 def _eval(args) -> int:
     from nrdm.metrics.evaluate import evaluate, feature_network, format_table
 
-    cfg, model, schedule, ckpt = _load_run(Path(args.run), use_ema=not args.no_ema)
+    cfg, model, schedule, ckpt = load_run(Path(args.run), use_ema=not args.no_ema)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     data_cfg = cfg.data
@@ -111,25 +100,37 @@ def _eval(args) -> int:
 
 
 def _lab(args) -> int:
-    from nrdm.lab.grid import run_grid, toy_grid
-    from nrdm.lab.plots import plot_all, summarize, write_csv
+    from nrdm.lab.grid import load_results, product, run_grid
+    from nrdm.lab.plots import format_rows, plot_all, summarize, write_csv
 
     out = Path(args.out)
-    cells = toy_grid(args.dataset, args.variants, args.depths, args.gammas, args.seeds, width=args.width,
-                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, penalty_units=args.penalty_units)
-    records = run_grid(cells, out / "results.jsonl", progress=not args.no_progress,
-                       eval_n=args.eval_n, sample_steps=args.sample_steps)
-    keys = {c.key for c in cells}
-    records = [r for r in records if r["key"] in keys]
+    fixed = dict(width=args.width, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                 penalty_units=args.penalty_units)
+    if args.lab == "toy":
+        from nrdm.lab.toy import ToyCell
+        cells = product(ToyCell, args.variants, args.depths, args.gammas, args.seeds, dataset=args.dataset, **fixed)
+        run_kwargs = dict(eval_n=args.eval_n, sample_steps=args.sample_steps)
+    else:
+        from nrdm.lab.image import ImageCell
+        cells = [cell for backbone in args.backbones for cell in
+                 product(ImageCell, args.variants, args.depths, args.gammas, args.seeds, preset=args.preset,
+                         backbone=backbone, heads=args.heads, patch_size=args.patch_size, **fixed)]
+        run_kwargs = dict(cells_dir=out / "cells", eval_points=args.eval_points, eval_n=args.eval_n)
+    shard = tuple(int(x) for x in args.shard.split("/"))
+    if not args.report_only:
+        run_grid(cells, out / "results.jsonl", progress=not args.no_progress, shard=shard, **run_kwargs)
+    records = load_results(out / "results.jsonl")      # the directory is the study: all its cells
+    done = {r["key"] for r in records}
+    if not records:
+        print(f"no finished cells of this grid in {out / 'results.jsonl'} yet")
+        return 0
     rows = summarize(records)
     write_csv(rows, out / "summary.csv")
+    (out / "summary.md").write_text(format_rows(rows) + "\n")
     plots = plot_all(records, out / "plots")
-    print(f"{'variant':<12}{'depth':>6}{'gamma':>8}{'energy (mean+-std)':>24}{'diverged':>10}")
-    for r in rows:
-        print(f"{r['variant']:<12}{r['depth']:>6}{r['gamma']:>8g}{r['energy_mean']:>14.4f} +- {r['energy_std']:<7.4f}"
-              f"{r['diverged']:>6}/{r['seeds']}")
-    print(f"floor (real vs real, n={args.eval_n}): {rows[0]['energy_floor']:.4f}; wrote {out / 'summary.csv'} and "
-          f"{len(plots)} plots in {out / 'plots'}")
+    print(format_rows(rows))
+    print(f"{len(records)} cells in the study ({sum(c.key in done for c in cells)}/{len(cells)} of this command's); floor = {rows[0]['metric']} of real vs real data at the same n. "
+          f"Wrote {out / 'summary.csv'}, {out / 'summary.md'} and {len(plots)} plots in {out / 'plots'}")
     return 0
 
 
@@ -142,7 +143,7 @@ def _info(args) -> int:
     target = Path(args.target)
     info: dict = {}
     if target.is_dir():
-        cfg, model, _, ckpt = _load_run(target)
+        cfg, model, _, ckpt = load_run(target)
         info.update(run=str(target), checkpoint=str(ckpt), step=int(ckpt.name.split("-")[1]))
     else:
         cfg = load_config(args.target, args.set)
@@ -205,22 +206,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lab", help="depth-scaling lab: a resumable {variant} x {depth} x {gamma} x {seed} grid")
     lab = p.add_subparsers(dest="lab", required=True)
-    p = lab.add_parser("toy", help="toy distributions with exact ground truth (energy distance)")
-    p.add_argument("--out", required=True, help="grid directory (results.jsonl, summary.csv, plots/)")
-    p.add_argument("--dataset", default="gmm2d", choices=["gmm2d", "moons", "gmm16"])
-    p.add_argument("--variants", nargs="+", default=["nrdm", "adaln", "scaled-skip", "resnet", "rezero", "adaln-zero"])
-    p.add_argument("--depths", nargs="+", type=int, default=[8, 32, 128])
-    p.add_argument("--gammas", nargs="+", type=float, default=[0.0, 0.01])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--penalty-units", type=int, default=1)
-    p.add_argument("--eval-n", type=int, default=2000)
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_lab)
+    toy = lab.add_parser("toy", help="toy distributions with exact ground truth (energy distance)")
+    toy.add_argument("--dataset", default="gmm2d", choices=["gmm2d", "moons", "gmm16"])
+    image = lab.add_parser("image", help="digits / Fashion-MNIST with narrow flow- or U-shaped transformers (FID)")
+    image.add_argument("--preset", default="digits", help="data and diffusion settings (digits | fashion | YAML)")
+    image.add_argument("--backbones", nargs="+", default=["flow"], choices=["flow", "u-transformer"])
+    image.add_argument("--heads", type=int, default=4)
+    image.add_argument("--patch-size", type=int, default=4)
+    image.add_argument("--eval-points", type=int, default=3, help="FID evaluations per cell (the last at the end)")
+    for q, defaults in ((toy, dict(depths=[8, 32, 128], width=64, steps=2000, batch_size=256, eval_n=2000)),
+                        (image, dict(depths=[4, 16], width=64, steps=300, batch_size=64, eval_n=250))):
+        q.add_argument("--out", required=True, help="grid directory (results.jsonl, summary.csv/.md, plots/)")
+        q.add_argument("--variants", nargs="+", default=["nrdm", "adaln", "scaled-skip", "resnet", "rezero",
+                                                         "adaln-zero"])
+        q.add_argument("--depths", nargs="+", type=int, default=defaults["depths"])
+        q.add_argument("--gammas", nargs="+", type=float, default=[0.0, 0.01])
+        q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2] if q is toy else [0])
+        q.add_argument("--width", type=int, default=defaults["width"])
+        q.add_argument("--steps", type=int, default=defaults["steps"], help="training steps per cell")
+        q.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+        q.add_argument("--lr", type=float, default=1e-3)
+        q.add_argument("--penalty-units", type=int, default=1, help="units per step at which the penalty is evaluated")
+        q.add_argument("--eval-n", type=int, default=defaults["eval_n"], help="samples per quality evaluation")
+        q.add_argument("--shard", default="0/1", help="I/N: run every N-th cell from the I-th (N processes, one grid)")
+        q.add_argument("--report-only", action="store_true", help="only summarise and plot the finished cells")
+        q.add_argument("--no-progress", action="store_true")
+        q.set_defaults(func=_lab)
+    toy.add_argument("--sample-steps", type=int, default=50)
 
     p = sub.add_parser("info", help="config, parameters, FLOPs and step of a run (or of a preset/YAML)")
     p.add_argument("target", help="run directory, preset name or YAML file")

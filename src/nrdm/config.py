@@ -92,6 +92,8 @@ class TrainConfig:
     eval_every: int = 0                     # 0 = off; metrics of the EMA weights with the domain network
     eval_n: int = 500                       # samples per evaluation during training
     max_bad_steps: int = 5                  # consecutive non-finite steps before stopping
+    divergence_factor: float = 0.0          # stop when the loss exceeds this multiple of its running minimum
+                                            # (after 100 steps); 0 = off
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """From a run configuration to the objects it describes (model, schedule, loss settings)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
 from torch import nn
 
 from nrdm.config import Config
@@ -64,3 +67,19 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"these config values must be >= 1: {', '.join(bad)}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
+
+
+def load_run(run_dir: str | Path, use_ema: bool = True):
+    """(config, model in eval mode, schedule, checkpoint dir) of a run's latest checkpoint."""
+    from nrdm.config import from_dict
+    from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ValueError(f"{run_dir} holds no checkpoint (expected {run_dir}/checkpoints/step-XXXXXXXX/)")
+    loaded = load_checkpoint(ckpt, weights_only=True)
+    cfg = from_dict(yaml.safe_load(loaded["config_yaml"]))
+    model = build_model_from_config(cfg)
+    model.load_state_dict(loaded["ema" if use_ema else "model"])
+    return cfg, model.eval(), build_schedule(cfg), ckpt

@@ -1,7 +1,8 @@
-"""Plots of a grid's results (PNG, matplotlib): quality against steps and against depth per
-variant, per-unit sensitivity against unit index, gates against diffusion time. Every curve is
-the mean over seeds with a band of +-1 standard deviation, so a ranking is only read where it
-holds beyond the seed spread."""
+"""Tables and plots of a grid's results (CSV; PNG with matplotlib): quality and loss against
+training steps, quality against depth, per-unit sensitivity against unit index, gates against
+diffusion time. Every curve is the mean over seeds with a band (or error bar) of +-1 standard
+deviation, so a ranking is only read where it holds beyond the seed spread. One set of plots per
+setting (toy dataset, or image dataset x backbone), the setting's name in front of each file."""
 from __future__ import annotations
 
 import math
@@ -17,19 +18,20 @@ def _mean_std(values):
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (dataset, variant, depth, gamma): mean/std over seeds of final energy and loss,
-    the floor, and how many seeds diverged."""
+    """One row per (setting, variant, depth, gamma): mean/std over seeds of the final quality and
+    loss, the quality floor, and how many seeds diverged."""
     groups = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["variant"], r["depth"], r["gamma"])].append(r)
+        groups[(r["setting"], r["variant"], r["depth"], r["gamma"])].append(r)
     rows = []
-    for (dataset, variant, depth, gamma), rs in sorted(groups.items()):
-        e_mean, e_std, n_ok = _mean_std([r.get("energy") for r in rs])
+    for (setting, variant, depth, gamma), rs in sorted(groups.items()):
+        q_mean, q_std, _ = _mean_std([r.get("quality") for r in rs])
         l_mean, l_std, _ = _mean_std([r.get("final_loss") for r in rs])
-        rows.append({"dataset": dataset, "variant": variant, "depth": depth, "gamma": gamma, "seeds": len(rs),
-                     "diverged": sum(r["diverged"] for r in rs), "energy_mean": e_mean, "energy_std": e_std,
-                     "loss_mean": l_mean, "loss_std": l_std,
-                     "energy_floor": float(np.mean([r["energy_floor"] for r in rs]))})
+        rows.append({"setting": setting, "variant": variant, "depth": depth, "gamma": gamma, "seeds": len(rs),
+                     "diverged": sum(r["diverged"] for r in rs), "metric": rs[0]["metric"],
+                     "quality_mean": q_mean, "quality_std": q_std, "loss_mean": l_mean, "loss_std": l_std,
+                     "quality_floor": _mean_std([r.get("quality_floor") for r in rs])[0],
+                     "minutes_per_seed": float(np.mean([r["seconds"] for r in rs])) / 60})
     return rows
 
 
@@ -43,6 +45,17 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def format_rows(rows: list[dict]) -> str:
+    """The summary as a Markdown table (mean +- std over seeds)."""
+    lines = ["| setting | variant | depth | gamma | quality (mean +- std) | floor | final loss | diverged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['variant']} | {r['depth']} | {r['gamma']:g} | "
+                     f"{r['quality_mean']:.4g} +- {r['quality_std']:.2g} | {r['quality_floor']:.3g} | "
+                     f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f} | {r['diverged']}/{r['seeds']} |")
+    return "\n".join(lines)
+
+
 def plot_all(records: list[dict], out_dir: str | Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -53,95 +66,108 @@ def plot_all(records: list[dict], out_dir: str | Path) -> list[Path]:
     written = []
     variants = sorted({r["variant"] for r in records})
     colors = {v: plt.cm.tab10(i) for i, v in enumerate(variants)}
+    for setting in sorted({r["setting"] for r in records}):
+        rs = [r for r in records if r["setting"] == setting]
+        written += _plot_setting(plt, rs, setting, variants, colors, out_dir)
+    return written
 
-    # 1. quality against training steps (deepest depth, each gamma)
-    for gamma in sorted({r["gamma"] for r in records}):
-        depth = max(r["depth"] for r in records)
-        fig, ax = plt.subplots(figsize=(6, 4))
+
+def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> list[Path]:
+    written = []
+    metric = records[0]["metric"]
+    floor = _mean_std([r.get("quality_floor") for r in records])[0]
+    deepest = max(r["depth"] for r in records)
+    gammas = sorted({r["gamma"] for r in records})
+
+    # 1. quality and loss against training steps (deepest depth, each gamma)
+    for gamma in gammas:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for v in variants:
-            rs = [r for r in records if r["variant"] == v and r["gamma"] == gamma and r["depth"] == depth]
-            by_step = defaultdict(list)
-            for r in rs:
-                for point in r["curve"]:
-                    by_step[point["step"]].append(point["energy"])
-            if by_step:
-                steps = sorted(by_step)
-                stats = [_mean_std(by_step[s]) for s in steps]
-                m, sd = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
-                ax.plot(steps, m, "o-", color=colors[v], label=v)
-                ax.fill_between(steps, m - sd, m + sd, color=colors[v], alpha=0.2)
-        floor = np.mean([r["energy_floor"] for r in records])
-        ax.axhline(floor, ls="--", color="gray", label="real vs real")
-        ax.set(xlabel="training step", ylabel="energy distance to data (lower is better)",
-               title=f"quality vs steps (depth {depth}, gamma {gamma:g})")
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / f"quality_vs_steps_gamma{gamma:g}.png"))
+            rs = [r for r in records if r["variant"] == v and r["gamma"] == gamma and r["depth"] == deepest]
+            for ax, field in zip(axes, ("quality", "loss")):
+                by_step = defaultdict(list)
+                for r in rs:
+                    for point in r["curve"]:
+                        by_step[point["step"]].append(point.get(field))
+                if by_step:
+                    steps = sorted(by_step)
+                    stats = [_mean_std(by_step[s]) for s in steps]
+                    m, sd = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+                    ax.plot(steps, m, "o-", color=colors[v], label=f"{v} ({len(rs)} seeds)")
+                    ax.fill_between(steps, m - sd, m + sd, color=colors[v], alpha=0.2)
+        if math.isfinite(floor):
+            axes[0].axhline(floor, ls="--", color="gray", label="real vs real")
+        axes[0].set(xlabel="training step", ylabel=f"{metric} (lower is better)", title="sample quality")
+        axes[1].set(xlabel="training step", ylabel="training loss (denoising MSE)", title="loss", yscale="log")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{setting}: depth {deepest}, gamma {gamma:g} (mean +- std over seeds)")
+        written.append(_save(fig, out_dir / f"{setting}_quality_vs_steps_gamma{gamma:g}.png"))
 
     # 2. quality against depth
     rows = summarize(records)
-    for gamma in sorted({r["gamma"] for r in rows}):
-        fig, ax = plt.subplots(figsize=(6, 4))
+    depths = sorted({r["depth"] for r in rows})
+    for gamma in gammas:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for v in variants:
             rs = sorted((r for r in rows if r["variant"] == v and r["gamma"] == gamma), key=lambda r: r["depth"])
-            if rs:
-                d = [r["depth"] for r in rs]
-                m, sd = np.array([r["energy_mean"] for r in rs]), np.array([r["energy_std"] for r in rs])
-                ax.errorbar(d, m, yerr=sd, marker="o", capsize=3, color=colors[v], label=v)
-                for r in rs:
-                    if r["diverged"]:
-                        ax.annotate(f"{r['diverged']} div.", (r["depth"], r["energy_mean"] if math.isfinite(r["energy_mean"]) else 1),
-                                    fontsize=7, color=colors[v])
-        floor = np.mean([r["energy_floor"] for r in rows])
-        ax.axhline(floor, ls="--", color="gray", label="real vs real")
-        depths = sorted({r["depth"] for r in rows})
-        ax.set(xlabel="depth (gated units)", ylabel="energy distance (lower is better)", xscale="log",
-               title=f"quality vs depth (gamma {gamma:g}), mean +- std over seeds")
+            if not rs:
+                continue
+            m, sd = np.array([r["quality_mean"] for r in rs]), np.array([r["quality_std"] for r in rs])
+            ax.errorbar([r["depth"] for r in rs], m, yerr=sd, marker="o", capsize=3, color=colors[v], label=v)
+            for r in rs:
+                if r["diverged"]:
+                    y = r["quality_mean"] if math.isfinite(r["quality_mean"]) else np.nanmax(m) if np.isfinite(m).any() else 1
+                    ax.annotate(f"{r['diverged']}/{r['seeds']} div.", (r["depth"], y), fontsize=7, color=colors[v])
+        if math.isfinite(floor):
+            ax.axhline(floor, ls="--", color="gray", label="real vs real")
+        ax.set(xlabel="depth (units)" if setting.startswith("toy") else "depth (blocks)",
+               ylabel=f"{metric} (lower is better)", xscale="log",
+               title=f"{setting}: quality vs depth, gamma {gamma:g}\n(mean +- std over seeds)")
         ax.set_xticks(depths, [str(d) for d in depths])
         ax.minorticks_off()
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out_dir / f"quality_vs_depth_gamma{gamma:g}.png"))
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"{setting}_quality_vs_depth_gamma{gamma:g}.png"))
 
     # 3. per-unit sensitivity ||dL/dz_i|| against unit index (deepest depth, first seed)
-    depth = max(r["depth"] for r in records)
-    for gamma in sorted({r["gamma"] for r in records}):
-        rs = [r for r in records if r["depth"] == depth and r["gamma"] == gamma and r["sensitivity"]]
-        if not rs:
+    for gamma in gammas:
+        rs = [r for r in records if r["depth"] == deepest and r["gamma"] == gamma and r["sensitivity"]]
+        shown = [v for v in variants if any(r["variant"] == v for r in rs)]
+        if not shown:
             continue
-        fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3.2), squeeze=False, sharey=True)
-        for ax, v in zip(axes[0], variants):
-            for r in [r for r in rs if r["variant"] == v][:1]:
-                snaps = sorted(r["sensitivity"], key=int)
-                for j, step in enumerate(snaps):
-                    norms = [x if x is not None else math.nan for x in r["sensitivity"][step]]
-                    ax.plot(range(len(norms)), norms, color=plt.cm.viridis(j / max(len(snaps) - 1, 1)),
-                            label=f"step {step}")
-            ax.set(title=v, xlabel="unit index", yscale="log")
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.3), squeeze=False, sharey=True)
+        for ax, v in zip(axes[0], shown):
+            r = min((r for r in rs if r["variant"] == v), key=lambda r: r["seed"])
+            snaps = sorted(r["sensitivity"], key=int)
+            for j, step in enumerate(snaps):
+                norms = [x if x is not None else math.nan for x in r["sensitivity"][step]]
+                ax.plot(range(len(norms)), norms, color=plt.cm.viridis(j / max(len(snaps) - 1, 1)), label=f"step {step}")
+            ax.set(title=v + (" (diverged)" if r["diverged"] else ""), xlabel="unit index (input -> output)", yscale="log")
         axes[0][0].set_ylabel("||dL/dz_i||")
         axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"residual sensitivity per unit (depth {depth}, gamma {gamma:g})")
-        written.append(_save(fig, out_dir / f"sensitivity_gamma{gamma:g}.png"))
+        fig.suptitle(f"{setting}: residual sensitivity per unit (depth {deepest}, gamma {gamma:g}, seed {r['seed']})")
+        written.append(_save(fig, out_dir / f"{setting}_sensitivity_gamma{gamma:g}.png"))
 
-    # 4. gates against diffusion time
-    rs = [r for r in records if r.get("gates") and ("alpha_mean" in r["gates"] or "gate_mean" in r["gates"])]
+    # 4. gates against diffusion time (deepest depth, first seed of each variant and gamma)
+    rs = [r for r in records if r["depth"] == deepest and r.get("gates") and len(r["gates"]) > 1]
     if rs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in rs:
-            g = r["gates"]
-            for name, style in (("alpha_mean", "-"), ("beta_mean", "--"), ("gate_mean", ":")):
-                if name in g:
-                    ax.plot(g["t"], g[name], style, color=colors[r["variant"]], alpha=0.6,
-                            label=f"{r['variant']} {name.split('_')[0]} d{r['depth']}")
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=6)
-        ax.set(xlabel="diffusion step t", ylabel="mean gate value over units", title="gates vs diffusion time")
-        written.append(_save(fig, out_dir / "gates_vs_time.png"))
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for (v, gamma) in sorted({(r["variant"], r["gamma"]) for r in rs}):
+            r = min((r for r in rs if r["variant"] == v and r["gamma"] == gamma), key=lambda r: r["seed"])
+            for name, values in r["gates"].items():
+                if name != "t":
+                    style = {"alpha_mean": "-", "beta_mean": "--"}.get(name, ":")
+                    ax.plot(r["gates"]["t"], values, style, marker=".", color=colors[v],
+                            alpha=1.0 if gamma == 0 else 0.5, label=f"{v} {name[:-5]} gamma {gamma:g}")
+        ax.legend(fontsize=6, ncol=2)
+        ax.set(xlabel="diffusion step t", ylabel="gate value (mean over units, channels, batch)",
+               title=f"{setting}: gates vs diffusion time (depth {deepest})")
+        written.append(_save(fig, out_dir / f"{setting}_gates_vs_time.png"))
     return written
 
 
 def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
     plt.close(fig)
     return path

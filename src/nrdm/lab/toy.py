@@ -7,13 +7,20 @@ floor is the energy distance between two independent true sample sets of the sam
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss, eps_predictor, sample
+from nrdm.lab.grid import DIVERGENCE_FACTOR
 from nrdm.models.blocks import wants_input_conditioning
 from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig
 from nrdm.models.layers import Mlp, TimestepEmbedder
+from nrdm.models.tracing import gate_profile
+from nrdm.training.divergence import DivergenceMonitor
+from nrdm.training.ema import EMA
 
 TOY_DATASETS = ("gmm2d", "moons", "gmm16")
 
@@ -93,3 +100,83 @@ class ToyDenoiser(nn.Module):
         for unit in self.units:
             z = unit(z, cond)                                               # (B, W)
         return self.head(self.out_norm(z))                                  # (B, d)
+
+
+@dataclass(frozen=True)
+class ToyCell:
+    """One toy run: `depth` gated MLP units of `variant`, trained `steps` steps at batch
+    `batch_size` with penalty weight `gamma` (on `penalty_units` random units per step)."""
+
+    dataset: str
+    variant: str
+    depth: int
+    gamma: float
+    seed: int
+    width: int = 64
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    penalty_units: int = 1
+    ema_decay: float = 0.99              # samples come from the EMA weights, as in the image runs
+
+    @property
+    def setting(self) -> str:
+        return f"toy-{self.dataset}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.setting}|{self.variant}|d{self.depth}|g{self.gamma:g}|s{self.seed}|w{self.width}|n{self.steps}"
+
+    def run(self, eval_n: int = 2000, sample_steps: int = 50, snapshots: int = 4, curve_points: int = 5) -> dict:
+        """Train; return the grid record (see nrdm.lab.grid): the loss/energy curve, final energy
+        distance with the real-vs-real floor at the same n, per-unit sensitivity at `snapshots`
+        points of training, gate means against diffusion time, and divergence status."""
+        start = time.time()
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        schedule = VPSchedule("linear")
+        model = ToyDenoiser(toy_dim(self.dataset), self.width, self.depth, unit=self.variant)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr)
+        ema = EMA(model, self.ema_decay)
+        loss_cfg = LossConfig(gamma=self.gamma, penalty_units=min(self.penalty_units, self.depth), label_drop=0.0)
+        snap_at = {max(1, round(self.steps * (i + 1) / snapshots)) for i in range(snapshots)} | {1}
+        curve_at = {max(1, round(self.steps * (i + 1) / curve_points)) for i in range(curve_points)}
+        record = {**asdict(self), "key": self.key, "setting": self.setting, "metric": "energy distance",
+                  "diverged": False, "diverged_step": None, "curve": [], "sensitivity": {}}
+        monitor, recent = DivergenceMonitor(DIVERGENCE_FACTOR), []
+        for step in range(1, self.steps + 1):
+            x0 = sample_toy(self.dataset, self.batch_size, gen)
+            out = diffusion_loss(model, x0, None, schedule, loss_cfg, generator=gen, diagnostics=step in snap_at)
+            loss = float(out.loss.detach())
+            if monitor.diverged(step, loss):
+                record.update(diverged=True, diverged_step=step, diverged_loss=loss if math.isfinite(loss) else str(loss))
+                break
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model, step)
+            recent = (recent + [float(out.mse)])[-50:]
+            if out.tracer is not None:
+                record["sensitivity"][str(step)] = out.tracer.diagnostics()["adjoint_norm"]
+            if step in curve_at:
+                record["curve"].append({"step": step, "loss": sum(recent) / len(recent),
+                                        "quality": self._energy(ema.model, schedule, eval_n // 2, sample_steps, step)})
+        if not record["diverged"]:
+            record["final_loss"] = sum(recent) / len(recent)
+            record["quality"] = self._energy(ema.model, schedule, eval_n, sample_steps, 0)
+            record["gates"] = gate_profile(ema.model, sample_toy(self.dataset, 256, torch.Generator().manual_seed(1)))
+        floor_gen = torch.Generator().manual_seed(10_000 + self.seed)
+        record["quality_floor"] = energy_distance(sample_toy(self.dataset, eval_n, floor_gen),
+                                                  sample_toy(self.dataset, eval_n, floor_gen))
+        record["seconds"] = time.time() - start
+        return record
+
+    @torch.no_grad()
+    def _energy(self, model, schedule, n: int, steps: int, salt: int) -> float:
+        x_T = torch.randn(n, toy_dim(self.dataset), generator=torch.Generator().manual_seed(self.seed + 7 + salt))
+        samples = sample(eps_predictor(model, schedule), x_T, schedule, "dpm++2m", steps)
+        if not torch.isfinite(samples).all():
+            return float("inf")
+        truth = sample_toy(self.dataset, n, torch.Generator().manual_seed(20_000 + self.seed + salt))
+        return energy_distance(samples, truth)

@@ -105,6 +105,22 @@ def feature_network(data_cfg, spec: str | None = None, domain_epochs: int | None
 
 
 @torch.no_grad()
+def real_floor(data_cfg, n: int, net=None, seed: int = 1, progress: bool = False) -> dict:
+    """The metrics of n real training images against the held-out reference: what a perfect
+    generator would score at this n (the floor every generated-sample figure is read against)."""
+    from nrdm.data.datasets import build_dataset, load_digits_dataset
+
+    net = net or feature_network(data_cfg, progress=progress)
+    split = default_split(data_cfg)
+    real = reference_features(data_cfg, split, net, progress=progress)
+    train = (load_digits_dataset(data_cfg.image_size, "train-only") if data_cfg.name == "digits"
+             else build_dataset(replace(data_cfg, split="train")))
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    images, labels = train.batch(pick)
+    return compute_metrics(real, extract(net, images), labels.numpy(), net.kind)
+
+
+@torch.no_grad()
 def evaluate(model, schedule, cfg, n: int = 1000, sampler: str | None = None, steps: int | None = None,
              cfg_scale: float | None = None, seed: int = 0, ref: str | None = None, net=None,
              ref_max_n: int = 10_000, device="cpu", progress: bool = True, extra_protocol: dict | None = None) -> dict:

@@ -7,7 +7,8 @@ Design (after nanoGPT's train.py and EDM2's loop):
   weights, EMA, optimizer, scheduler and the step, and an interrupted-and-resumed run repeats an
   uninterrupted one exactly.
 - A step whose gradient norm (or, under fp16 loss scaling, whose loss) is not finite is skipped
-  and logged; `max_bad_steps` consecutive such steps stop training with a clear message.
+  and logged; `max_bad_steps` consecutive such steps stop training with a clear message. With
+  `divergence_factor` > 0, a finite loss above that multiple of its running minimum stops it too.
 - Rank 0 logs JSONL (step, loss, grad norm, lr, steps/s, images/s, diagnostics) and stdout,
   writes checkpoints (atomically) and sample grids from the EMA weights with fixed seeds.
 The trainer never looks at the residual variant: it sees a backbone and a loss.
@@ -34,6 +35,7 @@ from nrdm.factory import build_loss_config, build_model_from_config, build_sched
 from nrdm.models import count_parameters, no_weight_decay_names
 from nrdm.sampling import generate, grid_labels
 from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from nrdm.training.ema import EMA
 from nrdm.utils.images import save_grid
@@ -41,11 +43,16 @@ from nrdm.utils.images import save_grid
 # config keys that may change when a run is resumed
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_every",
                      "train.diagnostics_every", "train.eval_every", "train.eval_n", "train.max_bad_steps",
+                     "train.divergence_factor",
                      "data.num_workers", "data.root", "sample.")
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite losses); the message says why and what to do."""
+    """Training cannot go on (repeated non-finite steps, or divergence); `step` is where it stopped."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -165,6 +172,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_step, bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+    monitor = DivergenceMonitor(tc.divergence_factor) if tc.divergence_factor else None
+    if monitor is not None and loaded is not None and loaded["state"].get("divergence"):
+        monitor.load_state_dict(loaded["state"]["divergence"])
 
     stream = BatchStream(dataset, tc.batch_size, tc.seed, env.rank, env.world_size, tc.grad_accum,
                          cfg.data.hflip, cfg.data.num_workers)
@@ -229,6 +239,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             window["mse"] += float(step_loss[1])
             window["penalty"] += float(step_loss[2])
             window["n"] += 1
+            if monitor is not None and monitor.diverged(done, last_loss):
+                log.write({"step": done, "diverged": True, "loss": last_loss, "running_min": monitor.running_min})
+                raise TrainingStopped(
+                    f"training diverged at step {done}: loss {last_loss:.4g} is above {tc.divergence_factor:g}x its "
+                    f"running minimum {monitor.running_min:.4g}. Lower train.lr, raise train.warmup_steps or keep "
+                    f"train.grad_clip > 0.", step=done)
         else:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -244,7 +260,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                 raise TrainingStopped(
                     f"training stopped at step {done}: {bad_steps} consecutive steps had a non-finite loss or "
                     f"gradient. Lower train.lr, keep train.grad_clip > 0, use train.precision=fp32 or bf16, or "
-                    f"check the data for NaNs. Last good checkpoint: {last if last else 'none'}.")
+                    f"check the data for NaNs. Last good checkpoint: {last if last else 'none'}.", step=done)
         with warnings.catch_warnings():          # a skipped first step still advances the lr schedule
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             scheduler.step()
@@ -272,6 +288,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                 save_checkpoint(out, done, model_state, ema.state_dict(),
                                 {"step": done, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                  "scaler": scaler.state_dict() if scaler is not None else {}, "bad_steps": bad_steps,
+                                 "divergence": monitor.state_dict() if monitor is not None else {},
                                  "seed": tc.seed, "world_size": env.world_size},
                                 cfg.to_yaml(), tc.keep_last)
             barrier(env)

@@ -1,0 +1,130 @@
+"""Image proxy of the depth study: a narrow flow-shaped (DiT-like) or U-shaped (U-ViT-like)
+transformer on digits or Fashion-MNIST, trained by the project's own trainer, with the sample
+quality measured by the domain-network FID during training.
+
+Each cell is an ordinary training run in `<grid>/cells/<key>/` (config.yaml, log.jsonl,
+checkpoints, a sample grid), so any cell can be inspected, sampled or evaluated with the CLI; a
+cell interrupted mid-run resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from nrdm.config import ModelConfig, load_config
+from nrdm.lab.grid import DIVERGENCE_FACTOR, load_results
+
+
+@dataclass(frozen=True)
+class ImageCell:
+    """One image run: a `backbone` of `depth` transformer blocks (two gated units each) of
+    `variant` at fixed width, trained `steps` steps from the `preset`'s data and diffusion
+    settings, with penalty weight `gamma`."""
+
+    preset: str
+    backbone: str
+    variant: str
+    depth: int
+    gamma: float
+    seed: int
+    width: int = 64
+    heads: int = 4
+    patch_size: int = 4
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    penalty_units: int = 1
+
+    @property
+    def setting(self) -> str:
+        return f"{self.preset}-{self.backbone}"
+
+    @property
+    def key(self) -> str:
+        return (f"{self.setting}|{self.variant}|d{self.depth}|g{self.gamma:g}|s{self.seed}|w{self.width}"
+                f"|p{self.patch_size}|n{self.steps}")
+
+    def config(self, eval_points: int = 3, eval_n: int = 250, snapshots: int = 3):
+        cfg = load_config(self.preset)
+        cfg.model = ModelConfig(backbone=self.backbone, width=self.width, depth=self.depth, heads=self.heads,
+                                patch_size=self.patch_size, mlp_ratio=2.0, variant=self.variant)
+        cfg.diffusion = dataclasses.replace(cfg.diffusion, gamma=self.gamma, penalty_units=self.penalty_units)
+        every = max(1, self.steps // eval_points)
+        cfg.train = dataclasses.replace(
+            cfg.train, steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+            warmup_steps=min(cfg.train.warmup_steps, self.steps // 4), precision="fp32",
+            log_every=every, eval_every=every, eval_n=eval_n, ckpt_every=every, keep_last=1,
+            diagnostics_every=max(1, self.steps // snapshots), divergence_factor=DIVERGENCE_FACTOR)
+        cfg.sample = dataclasses.replace(cfg.sample, n=50, steps=20)
+        return cfg
+
+    def run(self, cells_dir: str | Path, eval_points: int = 3, eval_n: int = 250, snapshots: int = 3,
+            progress: bool = False) -> dict:
+        from nrdm.training import TrainingStopped, train
+
+        start = time.time()
+        cfg = self.config(eval_points, eval_n, snapshots)
+        out = Path(cells_dir) / self.key.replace("|", "_")
+        record = {**asdict(self), "key": self.key, "setting": self.setting, "metric": "FID (domain network)",
+                  "run_dir": str(out), "diverged": False, "diverged_step": None}
+        try:
+            train(cfg, out, resume=True, progress=progress)
+        except TrainingStopped as stop:
+            record.update(diverged=True, diverged_step=stop.step, diverged_reason=str(stop))
+        record.update(_read_log(out / "log.jsonl"))
+        if not record["diverged"]:
+            record["gates"] = _gates(cfg, out)
+        record["quality_floor"] = _image_floor(cfg.data, eval_n)
+        record["seconds"] = time.time() - start
+        return record
+
+
+def _read_log(path: Path) -> dict:
+    """Curves from a run's JSONL log: loss at every logged step, FID at every evaluation,
+    adjoint norms at every diagnostics step."""
+    losses, curve, sensitivity, last_eval = {}, [], {}, None
+    for rec in load_results(path):
+        if "eval" in rec:
+            last_eval = rec["eval"]
+            curve.append({"step": rec["step"], "quality": rec["eval"]["fid"], "class_accuracy":
+                          rec["eval"].get("class_accuracy")})
+        elif "loss" in rec and not rec.get("skipped") and not rec.get("diverged") and "event" not in rec:
+            losses[rec["step"]] = rec["loss"]
+            if "diagnostics" in rec:
+                sensitivity[str(rec["step"])] = rec["diagnostics"]["adjoint_norm"]
+    for point in curve:
+        point["loss"] = losses.get(point["step"])
+    out = {"curve": curve, "sensitivity": sensitivity}
+    if losses:
+        out["final_loss"] = losses[max(losses)]
+    if last_eval is not None:
+        out["quality"], out["eval"] = last_eval["fid"], last_eval
+    return out
+
+
+def _image_floor(data_cfg, n: int) -> float:
+    """Domain-network FID of n real training images against the held-out reference."""
+    return _floor_cached(yaml.safe_dump(dataclasses.asdict(data_cfg)), n)
+
+
+@functools.lru_cache(maxsize=None)
+def _floor_cached(data_yaml: str, n: int) -> float:
+    from nrdm.config import DataConfig
+    from nrdm.metrics.evaluate import real_floor
+    return real_floor(DataConfig(**yaml.safe_load(data_yaml)), n)["fid"]
+
+
+def _gates(cfg, out: Path) -> dict:
+    from nrdm.data import build_dataset
+    from nrdm.factory import load_run
+    from nrdm.models.tracing import gate_profile
+
+    _, model, _, _ = load_run(out)
+    images, labels = build_dataset(cfg.data).batch(torch.arange(64))
+    return gate_profile(model, images, labels if model.num_classes else None)
