@@ -114,7 +114,8 @@ def _lab(args) -> int:
         from nrdm.lab.image import ImageCell
         cells = [cell for backbone in args.backbones for cell in
                  product(ImageCell, args.variants, args.depths, args.gammas, args.seeds, preset=args.preset,
-                         backbone=backbone, heads=args.heads, patch_size=args.patch_size, **fixed)]
+                         backbone=backbone, heads=args.heads, patch_size=args.patch_size,
+                                 overrides=tuple(args.set), **fixed)]
         run_kwargs = dict(cells_dir=out / "cells", eval_points=args.eval_points, eval_n=args.eval_n)
     shard = tuple(int(x) for x in args.shard.split("/"))
     if not args.report_only:
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--heads", type=int, default=4)
     image.add_argument("--patch-size", type=int, default=4)
     image.add_argument("--eval-points", type=int, default=3, help="FID evaluations per cell (the last at the end)")
+    image.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="change a preset key, e.g. --set data.image_size=8 (model and train keys come from the lab)")
     for q, defaults in ((toy, dict(depths=[8, 32, 128], width=64, steps=2000, batch_size=256, eval_n=2000)),
                         (image, dict(depths=[4, 16], width=64, steps=300, batch_size=64, eval_n=250))):
         q.add_argument("--out", required=True, help="grid directory (results.jsonl, summary.csv/.md, plots/)")

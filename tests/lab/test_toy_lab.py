@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nrdm.cli import main as cli_main
-from nrdm.lab.grid import ToyCell, load_results, run_grid, run_toy_cell
-from nrdm.lab.toy import ToyDenoiser, energy_distance, sample_toy
+from nrdm.lab.grid import load_results, product, run_grid
+from nrdm.lab.toy import ToyCell, ToyDenoiser, energy_distance, sample_toy
 
 
 def test_energy_distance_floor_and_sensitivity():
@@ -38,11 +38,15 @@ def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     records = load_results(tmp_path / "results.jsonl")
     assert len(records) == 8 and all(not r["diverged"] for r in records)
     csv = (tmp_path / "summary.csv").read_text().splitlines()
-    assert csv[0].startswith("dataset,variant,depth,gamma") and len(csv) == 9
+    assert csv[0].startswith("setting,variant,depth,gamma,seeds,diverged,metric,quality_mean,quality_std") and len(csv) == 9
     plots = {p.name for p in (tmp_path / "plots").iterdir()}
-    assert {"quality_vs_depth_gamma0.png", "quality_vs_steps_gamma0.01.png", "sensitivity_gamma0.png",
-            "gates_vs_time.png"} <= plots
-    assert "floor (real vs real" in capsys.readouterr().out
+    assert {"toy-gmm2d_quality_vs_depth_gamma0.png", "toy-gmm2d_quality_vs_steps_gamma0.01.png",
+            "toy-gmm2d_sensitivity_gamma0.png", "toy-gmm2d_gates_vs_time.png"} <= plots
+    out = capsys.readouterr().out
+    assert "| toy-gmm2d | resnet | 4 | 0.01 |" in out and "8 cells in the study (8/8" in out
+    for r in records:                                            # every record carries the common schema
+        assert len(r["curve"]) == 5 and r["curve"][-1]["step"] == 6 and r["final_loss"] > 0
+        assert len(r["sensitivity"]["6"]) == r["depth"] and abs(r["quality_floor"]) < r["quality"]
     mtime = (tmp_path / "results.jsonl").stat().st_mtime_ns
     assert cli_main(args) == 0                                   # all cells done: nothing re-run
     assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime
@@ -51,7 +55,24 @@ def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
 
 def test_divergence_is_recorded_not_raised(tmp_path):
     cell = ToyCell("gmm2d", "resnet", 4, 0.0, 0, width=16, steps=300, batch_size=32, lr=1e4)
-    result = run_toy_cell(cell, eval_n=50, sample_steps=3)
-    assert result["diverged"] and result["diverged_step"] >= 1
-    records = run_grid([cell], tmp_path / "r.jsonl", progress=False, eval_n=50, sample_steps=3)
-    assert records[0]["diverged"] and json.loads((tmp_path / "r.jsonl").read_text())["key"] == cell.key
+    result = cell.run(eval_n=50, sample_steps=3)
+    assert result["diverged"] and result["diverged_step"] >= 1 and "quality" not in result
+    healthy = ToyCell("gmm2d", "nrdm", 2, 0.0, 0, width=16, steps=3, batch_size=32)
+    records = run_grid([cell, healthy], tmp_path / "r.jsonl", progress=False, eval_n=50, sample_steps=3)
+    assert [r["diverged"] for r in records] == [True, False]     # the grid went on after the divergence
+    assert json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])["key"] == cell.key
+
+
+def test_shards_split_a_grid_exactly(tmp_path):
+    cells = product(ToyCell, ["nrdm", "resnet", "rezero"], [2, 3], [0.0], [0, 1], dataset="gmm2d", width=8,
+                    steps=2, batch_size=8)
+    assert [c.depth for c in cells] == [2] * 6 + [3] * 6        # shallow depths first
+    kwargs = dict(progress=False, eval_n=20, sample_steps=2)
+    run_grid(cells, tmp_path / "r.jsonl", shard=(0, 2), **kwargs)
+    first = {r["key"] for r in load_results(tmp_path / "r.jsonl")}
+    assert first == {c.key for c in cells[0::2]}
+    run_grid(cells, tmp_path / "r.jsonl", shard=(1, 2), **kwargs)
+    keys = [r["key"] for r in load_results(tmp_path / "r.jsonl")]
+    assert sorted(keys) == sorted(c.key for c in cells)         # every cell once
+    with pytest.raises(ValueError, match="shard 2/2"):
+        run_grid(cells, tmp_path / "r.jsonl", shard=(2, 2))

@@ -1,5 +1,6 @@
 """The training loop end to end on tiny configs: exact resume, DDP equivalence, non-finite
 steps, and the CLI."""
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import nrdm.training.trainer as trainer_mod
 from nrdm.cli import main as cli_main
 from nrdm.training import TrainingStopped, load_checkpoint, latest_checkpoint, train
+from nrdm.training.divergence import DivergenceMonitor
 
 
 def final_state(run):
@@ -157,3 +159,31 @@ def test_cli_train_sample_info(tmp_path, tiny_overrides, capsys):
     assert cli_main(["train", "digits", "--out", str(tmp_path / "x"), "--set", "train.stpes=3"]) == 2
     assert "valid keys" in capsys.readouterr().err
     assert cli_main(["sample", str(tmp_path / "empty"), "--out", str(out_png)]) == 2
+
+
+def test_divergence_monitor():
+    monitor = DivergenceMonitor(factor=10, grace_steps=2)
+    assert not any(monitor.diverged(s, loss) for s, loss in [(1, 5.0), (2, 100.0), (3, 1.0), (4, 9.9)])
+    assert monitor.running_min == 1.0 and monitor.diverged(5, 10.1)
+    assert DivergenceMonitor().diverged(1, float("nan"))
+    with pytest.raises(ValueError, match="must be > 1"):
+        DivergenceMonitor(factor=1)
+
+
+def test_divergence_stops_training_with_its_step(tiny_config, tmp_path, monkeypatch):
+    real_loss = trainer_mod.diffusion_loss
+
+    def blow_up(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        blow_up.calls += 1
+        out.loss = out.loss * (1e3 if blow_up.calls >= 4 else 1.0)
+        return out
+
+    blow_up.calls = 0
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", blow_up)
+    monkeypatch.setattr(trainer_mod, "DivergenceMonitor", functools.partial(DivergenceMonitor, grace_steps=1))
+    with pytest.raises(TrainingStopped, match="training diverged at step 4") as stop:
+        train(tiny_config("train.divergence_factor=10"), tmp_path, progress=False)
+    assert stop.value.step == 4
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["diverged"] and records[-1]["step"] == 4

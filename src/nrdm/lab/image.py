@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,13 @@ import yaml
 
 from nrdm.config import ModelConfig, load_config
 from nrdm.lab.grid import DIVERGENCE_FACTOR, load_results
+
+
+# config keys an image cell sets from its own fields and options
+LAB_KEYS = ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps", "train.batch_size", "train.lr",
+            "train.seed", "train.warmup_steps", "train.precision", "train.log_every", "train.eval_every",
+            "train.eval_n", "train.ckpt_every", "train.keep_last", "train.diagnostics_every",
+            "train.divergence_factor", "sample.n", "sample.steps")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class ImageCell:
     batch_size: int = 64
     lr: float = 1e-3
     penalty_units: int = 1
+    overrides: tuple[str, ...] = ()      # KEY=VALUE changes to the preset (as `nrdm train --set`)
 
     @property
     def setting(self) -> str:
@@ -47,11 +56,18 @@ class ImageCell:
 
     @property
     def key(self) -> str:
-        return (f"{self.setting}|{self.variant}|d{self.depth}|g{self.gamma:g}|s{self.seed}|w{self.width}"
-                f"|p{self.patch_size}|n{self.steps}")
+        key = (f"{self.setting}|{self.variant}|d{self.depth}|g{self.gamma:g}|s{self.seed}|w{self.width}"
+               f"|p{self.patch_size}|n{self.steps}")
+        if self.overrides:
+            key += "|" + hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:8]
+        return key
 
     def config(self, eval_points: int = 3, eval_n: int = 250, snapshots: int = 3):
-        cfg = load_config(self.preset)
+        taken = [o for o in self.overrides if o.split("=")[0].strip().startswith(LAB_KEYS)]
+        if taken:
+            raise ValueError(f"{taken}: the lab sets these keys itself (model from --width/--depth/--heads/"
+                             f"--patch-size/--variants, training from --steps/--batch-size/--lr/--seeds/--gammas)")
+        cfg = load_config(self.preset, list(self.overrides))
         cfg.model = ModelConfig(backbone=self.backbone, width=self.width, depth=self.depth, heads=self.heads,
                                 patch_size=self.patch_size, mlp_ratio=2.0, variant=self.variant)
         cfg.diffusion = dataclasses.replace(cfg.diffusion, gamma=self.gamma, penalty_units=self.penalty_units)
@@ -78,7 +94,9 @@ class ImageCell:
         except TrainingStopped as stop:
             record.update(diverged=True, diverged_step=stop.step, diverged_reason=str(stop))
         record.update(_read_log(out / "log.jsonl"))
-        if not record["diverged"]:
+        if record["diverged"]:          # the curve keeps the evaluations before; no final quality
+            record.pop("quality", None), record.pop("eval", None)
+        else:
             record["gates"] = _gates(cfg, out)
         record["quality_floor"] = _image_floor(cfg.data, eval_n)
         record["seconds"] = time.time() - start

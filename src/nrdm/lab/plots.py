@@ -17,9 +17,19 @@ def _mean_std(values):
     return (float(a.mean()), float(a.std()), len(a)) if len(a) else (math.nan, math.nan, 0)
 
 
+def sensitivity_ratio(record: dict) -> float | None:
+    """||dL/dz_first|| / ||dL/dz_last|| at the last sensitivity snapshot: how much the adjoint
+    grows (> 1) or shrinks (< 1) from the output end of the stack back to its input end."""
+    if not record.get("sensitivity"):
+        return None
+    norms = [x for x in record["sensitivity"][max(record["sensitivity"], key=int)] if x]
+    return norms[0] / norms[-1] if len(norms) >= 2 else None
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (setting, variant, depth, gamma): mean/std over seeds of the final quality and
-    loss, the quality floor, and how many seeds diverged."""
+    loss, the quality floor, how many seeds diverged, and the geometric mean over seeds of the
+    sensitivity ratio (first unit / last unit) at the end of training."""
     groups = defaultdict(list)
     for r in records:
         groups[(r["setting"], r["variant"], r["depth"], r["gamma"])].append(r)
@@ -27,10 +37,12 @@ def summarize(records: list[dict]) -> list[dict]:
     for (setting, variant, depth, gamma), rs in sorted(groups.items()):
         q_mean, q_std, _ = _mean_std([r.get("quality") for r in rs])
         l_mean, l_std, _ = _mean_std([r.get("final_loss") for r in rs])
+        ratios = [math.log(x) for x in map(sensitivity_ratio, rs) if x]
         rows.append({"setting": setting, "variant": variant, "depth": depth, "gamma": gamma, "seeds": len(rs),
                      "diverged": sum(r["diverged"] for r in rs), "metric": rs[0]["metric"],
                      "quality_mean": q_mean, "quality_std": q_std, "loss_mean": l_mean, "loss_std": l_std,
                      "quality_floor": _mean_std([r.get("quality_floor") for r in rs])[0],
+                     "sensitivity_ratio": math.exp(float(np.mean(ratios))) if ratios else math.nan,
                      "minutes_per_seed": float(np.mean([r["seconds"] for r in rs])) / 60})
     return rows
 
@@ -47,12 +59,12 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 def format_rows(rows: list[dict]) -> str:
     """The summary as a Markdown table (mean +- std over seeds)."""
-    lines = ["| setting | variant | depth | gamma | quality (mean +- std) | floor | final loss | diverged |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | variant | depth | gamma | quality (mean +- std) | floor | final loss | "
+             "sensitivity first/last unit | diverged |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['variant']} | {r['depth']} | {r['gamma']:g} | "
                      f"{r['quality_mean']:.4g} +- {r['quality_std']:.2g} | {r['quality_floor']:.3g} | "
-                     f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f} | {r['diverged']}/{r['seeds']} |")
+                     f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f} | {r['sensitivity_ratio']:.3g} | {r['diverged']}/{r['seeds']} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,76 @@
+"""The image proxy of the depth lab: a tiny grid through the real trainer writes its CSV and plots
+and resumes; a diverging run is recorded with its step, not raised; the lab's own keys cannot be
+overridden by mistake."""
+import functools
+
+import pytest
+
+import nrdm.training.trainer as trainer_mod
+from nrdm.cli import main as cli_main
+from nrdm.lab.grid import load_results, run_grid
+from nrdm.lab.image import ImageCell
+from nrdm.training.divergence import DivergenceMonitor
+
+TINY = ("data.image_size=8", "sample.cfg_scale=1.0")
+TINY_CELL = dict(width=16, heads=2, patch_size=2, steps=4, batch_size=8, overrides=TINY)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    # one domain network for the whole module (trained on first use), never the user's cache
+    monkeypatch.setenv("NRDM_CACHE", str(tmp_path_factory.getbasetemp() / "nrdm-cache"))
+
+
+def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
+    args = ["lab", "image", "--out", str(tmp_path), "--variants", "nrdm", "resnet", "--depths", "1", "2",
+            "--gammas", "0", "--steps", "4", "--batch-size", "8", "--width", "16", "--heads", "2",
+            "--patch-size", "2", "--eval-n", "20", "--eval-points", "2", "--no-progress"]
+    args += [a for o in TINY for a in ("--set", o)]
+    assert cli_main(args) == 0
+    records = load_results(tmp_path / "results.jsonl")
+    assert len(records) == 4 and not any(r["diverged"] for r in records)
+    for r in records:
+        assert [p["step"] for p in r["curve"]] == [2, 4] and all(p["loss"] > 0 for p in r["curve"])
+        assert r["quality"] == r["curve"][-1]["quality"] == r["eval"]["fid"] and r["quality_floor"] >= 0
+        assert len(r["sensitivity"]) >= 1 and all(len(v) == 2 * r["depth"] for v in r["sensitivity"].values())
+        assert (tmp_path / "cells" / r["key"].replace("|", "_") / "samples").is_dir()
+    nrdm = next(r for r in records if r["variant"] == "nrdm")
+    assert set(nrdm["gates"]) == {"t", "alpha_mean", "beta_mean"}
+    assert set(next(r for r in records if r["variant"] == "resnet")["gates"]) == {"t"}
+    csv = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(csv) == 5 and all(line.startswith("digits-flow,") for line in csv[1:])
+    plots = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert {"digits-flow_quality_vs_steps_gamma0.png", "digits-flow_quality_vs_depth_gamma0.png",
+            "digits-flow_sensitivity_gamma0.png", "digits-flow_gates_vs_time.png"} <= plots
+    assert "| digits-flow | resnet | 2 | 0 |" in capsys.readouterr().out
+    mtime = (tmp_path / "results.jsonl").stat().st_mtime_ns
+    assert cli_main(args) == 0                                    # all cells done: nothing re-run
+    assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_diverging_image_run_is_recorded_not_raised(tmp_path, monkeypatch):
+    real_loss = trainer_mod.diffusion_loss
+
+    def blow_up_from_step_3(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        blow_up_from_step_3.calls += 1
+        if blow_up_from_step_3.calls >= 3:
+            out.loss = out.loss * 1e3                             # finite, but far above the running minimum
+        return out
+
+    blow_up_from_step_3.calls = 0
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", blow_up_from_step_3)
+    monkeypatch.setattr(trainer_mod, "DivergenceMonitor", functools.partial(DivergenceMonitor, grace_steps=1))
+    cell = ImageCell("digits", "flow", "resnet", 1, 0.0, 0, **TINY_CELL)
+    records = run_grid([cell], tmp_path / "r.jsonl", progress=False, cells_dir=tmp_path / "cells", eval_n=20,
+                       eval_points=2)
+    (r,) = records
+    assert r["diverged"] and r["diverged_step"] == 3 and "diverged at step 3" in r["diverged_reason"]
+    assert "quality" not in r and "gates" not in r
+
+
+def test_lab_keys_cannot_be_overridden():
+    cell = ImageCell("digits", "flow", "nrdm", 2, 0.0, 0, overrides=("train.steps=5",))
+    with pytest.raises(ValueError, match="the lab sets these keys itself"):
+        cell.config()
+    assert ImageCell("digits", "flow", "nrdm", 2, 0.0, 0, overrides=("data.image_size=8",)).config().data.image_size == 8
