@@ -217,13 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--eval-points", type=int, default=3, help="FID evaluations per cell (the last at the end)")
     image.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="change a preset key, e.g. --set data.image_size=8 (model and train keys come from the lab)")
-    for q, defaults in ((toy, dict(depths=[8, 32, 128], width=64, steps=2000, batch_size=256, eval_n=2000)),
-                        (image, dict(depths=[4, 16], width=64, steps=300, batch_size=64, eval_n=250))):
+    # the defaults are the reduced grids (about 15 minutes each on 2 CPU cores); the full study of
+    # docs/depth-study.md is benchmarks/depth_study.sh
+    for q, defaults in ((toy, dict(depths=[8, 64], gammas=[0.0, 0.01], width=32, steps=120, batch_size=128,
+                                   eval_n=1000)),
+                        (image, dict(depths=[4, 16], gammas=[0.0], width=64, steps=300, batch_size=64, eval_n=250))):
         q.add_argument("--out", required=True, help="grid directory (results.jsonl, summary.csv/.md, plots/)")
         q.add_argument("--variants", nargs="+", default=["nrdm", "adaln", "scaled-skip", "resnet", "rezero",
                                                          "adaln-zero"])
         q.add_argument("--depths", nargs="+", type=int, default=defaults["depths"])
-        q.add_argument("--gammas", nargs="+", type=float, default=[0.0, 0.01])
+        q.add_argument("--gammas", nargs="+", type=float, default=defaults["gammas"])
         q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2] if q is toy else [0])
         q.add_argument("--width", type=int, default=defaults["width"])
         q.add_argument("--steps", type=int, default=defaults["steps"], help="training steps per cell")
@@ -235,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--report-only", action="store_true", help="only summarise and plot the finished cells")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=_lab)
-    toy.add_argument("--sample-steps", type=int, default=50)
+    toy.add_argument("--sample-steps", type=int, default=20)
 
     p = sub.add_parser("info", help="config, parameters, FLOPs and step of a run (or of a preset/YAML)")
     p.add_argument("target", help="run directory, preset name or YAML file")

@@ -112,9 +112,9 @@ class ToyCell:
     depth: int
     gamma: float
     seed: int
-    width: int = 64
-    steps: int = 2000
-    batch_size: int = 256
+    width: int = 32
+    steps: int = 120
+    batch_size: int = 128
     lr: float = 1e-3
     penalty_units: int = 1
     ema_decay: float = 0.99              # samples come from the EMA weights, as in the image runs
@@ -127,7 +127,7 @@ class ToyCell:
     def key(self) -> str:
         return f"{self.setting}|{self.variant}|d{self.depth}|g{self.gamma:g}|s{self.seed}|w{self.width}|n{self.steps}"
 
-    def run(self, eval_n: int = 2000, sample_steps: int = 50, snapshots: int = 4, curve_points: int = 5) -> dict:
+    def run(self, eval_n: int = 1000, sample_steps: int = 20, snapshots: int = 4, curve_points: int = 5) -> dict:
         """Train; return the grid record (see nrdm.lab.grid): the loss/energy curve, final energy
         distance with the real-vs-real floor at the same n, per-unit sensitivity at `snapshots`
         points of training, gate means against diffusion time, and divergence status."""
