@@ -17,14 +17,13 @@ def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tenso
              sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0,
              batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
              clip_x0: float | None = 1.0) -> torch.Tensor:
-    """n samples (n, C, H, W) in [-1, 1]. The initial noise and the samplers' noise come from
+    """n samples (n, *model.sample_shape), i.e. (n, C, H, W) or (n, C, F, H, W), in [-1, 1]. The initial noise and the samplers' noise come from
     CPU generators seeded by `seed`, so results do not depend on the device or batch size
     (up to floating-point differences between devices). clip_x0 = 1 keeps the sampler's data
     prediction in the pixel range [-1, 1]; pass None for data without known bounds (latents)."""
     was_training = model.training
     model.eval()
-    shape = (model.in_channels, model.image_size, model.image_size)
-    x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    x_T = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
     out = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)

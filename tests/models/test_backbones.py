@@ -1,4 +1,4 @@
-"""Every backbone x every variant: shapes, finite gradients, identity at init, conditioning,
+"""Every backbone (image and video) x every variant: shapes, finite gradients, identity at init, conditioning,
 bad-input errors, FLOP counts against a closed form, and overfitting one batch."""
 import pytest
 import torch
@@ -6,18 +6,18 @@ import torch
 from nrdm.diffusion import VPSchedule
 from nrdm.models import VARIANTS, GatedResidual, build_model, count_flops, gated_units
 
-TINY = {"flow": "DiT-T/2", "u-transformer": "U-ViT-T/2", "unet": "UNet-T"}
+TINY = {"flow": "DiT-T/2", "u-transformer": "U-ViT-T/2", "unet": "UNet-T", "video": "Latte-T/2"}
 
 
 def tiny(backbone, variant="nrdm", **kw):
     torch.manual_seed(0)
-    kw = {"image_size": 8, "in_channels": 2, "num_classes": 3, **kw}
+    kw = {"image_size": 8, "in_channels": 2, "num_classes": 3, **({"num_frames": 3} if backbone == "video" else {}), **kw}
     return build_model(TINY[backbone], variant=variant, **kw)
 
 
 def inputs(model, batch=2):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=g)
+    x = torch.randn(batch, *model.sample_shape, generator=g)
     t = torch.randint(0, model.num_timesteps, (batch,), generator=g)
     labels = torch.randint(0, model.num_classes + 1, (batch,), generator=g) if model.num_classes else None
     return x, t, labels
@@ -144,7 +144,7 @@ def test_tiny_model_overfits_one_batch(backbone):
     model = tiny(backbone, image_size=8, in_channels=1)
     schedule = VPSchedule("linear")
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(4, 1, 8, 8, generator=g).clamp(-1, 1)
+    x0 = torch.randn(4, *model.sample_shape, generator=g).clamp(-1, 1)
     t = torch.randint(0, 1000, (4,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     labels = torch.tensor([0, 1, 2, 0])
@@ -182,3 +182,42 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_video_blocks_mix_only_within_a_frame_or_across_frames():
+    """Perturb one token (frame f, position n): a spatial block may change only frame f (all its
+    positions), a temporal block only position n (all frames)."""
+    for variant in VARIANTS:
+        model = tiny("video", variant, num_frames=4)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)        # leave the identity init so every branch acts
+        B, F, N, D = 2, 4, model.pos_embed.shape[2], model.pos_embed.shape[3]
+        z = torch.randn(B, F, N, D)
+        cond, _, _ = model.embed(torch.tensor([10, 900]), torch.tensor([0, 1]))
+        from nrdm.models.video_transformer import _repeat
+        per_frame, per_position = _repeat(cond, F), _repeat(cond, N)
+        bumped = z.clone()
+        bumped[:, 1, 2] += torch.randn(D)               # not a constant: LayerNorm would remove that
+        for index, kind in ((0, "spatial"), (1, "temporal")):
+            with torch.no_grad():
+                change = (model.apply_block(index, bumped, per_frame, per_position)
+                          - model.apply_block(index, z, per_frame, per_position)).abs().amax(dim=(0, 3))  # (F, N)
+            touched = change > 1e-6
+            expected = torch.zeros(F, N, dtype=torch.bool)
+            if kind == "spatial":
+                expected[1] = True
+            else:
+                expected[:, 2] = True
+            assert torch.equal(touched, expected), (variant, kind, touched)
+    # through the whole model a change in one frame reaches every frame
+    model = tiny("video", "resnet", num_frames=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, t, labels = inputs(model)
+    bumped = x.clone()
+    bumped[:, :, 1] += torch.randn_like(bumped[:, :, 1])
+    with torch.no_grad():
+        change = (model(bumped, t, labels) - model(x, t, labels)).abs().amax(dim=(0, 1, 3, 4))   # (F,)
+    assert (change > 1e-6).all()

@@ -125,14 +125,19 @@ class Backbone(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample without the batch axis: (C, H, W); video backbones (C, F, H, W)."""
+        return (self.in_channels, self.image_size, self.image_size)
+
     def example_inputs(self, batch: int = 1, device="cpu"):
-        x = torch.zeros(batch, self.in_channels, self.image_size, self.image_size, device=device)
+        x = torch.zeros(batch, *self.sample_shape, device=device)
         t = torch.full((batch,), self.num_timesteps // 2, device=device, dtype=torch.long)
         labels = torch.zeros(batch, dtype=torch.long, device=device) if self.num_classes else None
         return x, t, labels
 
     def check_input(self, x: torch.Tensor) -> None:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{type(self).__name__} expects input of shape (B, {expected[0]}, {expected[1]}, "
-                             f"{expected[2]}), got {tuple(x.shape)}")
+        expected = self.sample_shape
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{type(self).__name__} expects input of shape (B, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")

@@ -19,11 +19,13 @@ from nrdm.models.gated_unit import UnitConfig
 from nrdm.models.layers import explicit_attention
 from nrdm.models.u_transformer import UShapedTransformer
 from nrdm.models.unet import UNet
+from nrdm.models.video_transformer import VideoTransformer
 
 BACKBONES: dict[str, type[nn.Module]] = {
     "flow": FlowTransformer,          # DiT-like
     "u-transformer": UShapedTransformer,  # U-ViT-like
     "unet": UNet,                     # conv U-Net
+    "video": VideoTransformer,        # Latte-like (spatial and temporal blocks alternate)
 }
 UNIT_KEYS = ("variant", "gate_init", "gate_source", "gate_shape")
 
@@ -42,6 +44,10 @@ def _sizes() -> dict[str, dict]:
         for patch in (2, 4):
             sizes[f"U-ViT-{name}/{patch}"] = dict(backbone="u-transformer", depth=depth, width=width,
                                                   heads=heads, patch_size=patch)
+    # Latte (Ma et al. 2024): total blocks (spatial + temporal), width, heads; as DiT's S/B/L/XL
+    for name, (depth, width, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+                                        "XL": (28, 1152, 16)}.items():
+        sizes[f"Latte-{name}/2"] = dict(backbone="video", depth=depth, width=width, heads=heads, patch_size=2)
     # conv U-Nets
     sizes["UNet-S"] = dict(backbone="unet", width=64, channel_mult=(1, 2, 2), depth=2, heads=4)
     sizes["UNet-B"] = dict(backbone="unet", width=128, channel_mult=(1, 2, 2, 2), depth=2, heads=4)
@@ -49,6 +55,7 @@ def _sizes() -> dict[str, dict]:
     sizes["DiT-T/2"] = dict(backbone="flow", depth=4, width=64, heads=4, patch_size=2)
     sizes["DiT-T/4"] = dict(backbone="flow", depth=4, width=64, heads=4, patch_size=4)
     sizes["U-ViT-T/2"] = dict(backbone="u-transformer", depth=5, width=64, heads=4, patch_size=2)
+    sizes["Latte-T/2"] = dict(backbone="video", depth=4, width=64, heads=4, patch_size=2)
     sizes["UNet-T"] = dict(backbone="unet", width=16, channel_mult=(1, 2), depth=1, heads=2)
     return sizes
 

@@ -185,7 +185,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                    "config": cfg.to_dict()})
     conditional = model.num_classes > 0
     generator = torch.Generator()
-    sample_shape = (tc.batch_size, model.in_channels, model.image_size, model.image_size)
+    sample_shape = (tc.batch_size, *model.sample_shape)
 
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and env.is_main), desc="train",
                dynamic_ncols=True)
