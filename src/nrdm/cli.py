@@ -47,8 +47,7 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from nrdm.sampling import generate, grid_labels
-    from nrdm.utils.images import save_grid
+    from nrdm.sampling import generate, grid_labels, save_samples
 
     cfg, model, schedule, ckpt = load_run(Path(args.run), use_ema=not args.no_ema)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -68,8 +67,8 @@ def _sample(args) -> int:
     images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, s.eta, args.seed,
                       device=device, progress=True)
     nrow = model.num_classes if (model.num_classes and args.class_ is None) else None
-    path = save_grid(images, args.out, nrow=nrow, scale=args.scale or max(1, 64 // model.image_size))
-    print(f"wrote {path} ({args.n} samples from {ckpt}, {sampler} {steps} steps, cfg {cfg_scale}, seed {args.seed})")
+    paths = save_samples(images, args.out, nrow=nrow, scale=args.scale)
+    print(f"wrote {', '.join(map(str, paths))} ({args.n} samples from {ckpt}, {sampler} {steps} steps, cfg {cfg_scale}, seed {args.seed})")
     return 0
 
 
@@ -198,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ref", help="reference data NAME[:SPLIT] (default: the run's dataset, held-out split)")
-    p.add_argument("--feature-net", help="domain (default for digits/mnist/fashion), inception (file from "
-                                         "$NRDM_INCEPTION) or a path to the TorchScript Inception file")
+    p.add_argument("--feature-net", help="domain (default for digits/mnist/fashion/moving-digits), inception / i3d "
+                                         "(file from $NRDM_INCEPTION / $NRDM_I3D) or a path to such a TorchScript file")
     p.add_argument("--domain-epochs", type=int, help="training epochs of a new domain network (default: auto)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -55,7 +55,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"                    # digits | mnist | fashion | folder
+    name: str = "digits"                    # digits | mnist | fashion | folder | moving-digits | video-folder
     root: str | None = None                 # idx(.gz) directory or image folder
     split: str = "train"                    # train | test (idx datasets)
     image_size: int = 16
@@ -63,6 +63,12 @@ class DataConfig:
     skip_corrupt: bool = False              # folder: skip unreadable images with a warning
     num_classes: int | None = None          # folder: override the count of class subfolders
     num_workers: int = 0
+    frames: int = 0                         # video: frames per clip (0 = image data)
+    frame_stride: int = 1                   # video-folder: take every n-th frame
+    num_clips: int = 4096                   # moving-digits: clips in the train split (a quarter in test)
+    num_digits: int = 1                     # moving-digits: digits per clip (label = the first one's class)
+    digit_size: int = 0                     # moving-digits: digit height in pixels (0 = image_size / 2)
+    speed: float = 2.0                      # moving-digits: pixels per frame
     vae: str | None = None                  # latent diffusion: diffusers AutoencoderKL path or hub name
     latent_channels: int = 4
     vae_downsample: int = 8

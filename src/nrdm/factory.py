@@ -25,6 +25,8 @@ def model_kwargs(cfg: Config) -> dict:
         kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
     kwargs.update(image_size=image_size, in_channels=channels, num_classes=num_classes if m.conditional else 0,
                   num_timesteps=cfg.diffusion.num_timesteps)
+    if cfg.data.frames:
+        kwargs["num_frames"] = cfg.data.frames
     return kwargs
 
 
@@ -67,6 +69,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"these config values must be >= 1: {', '.join(bad)}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
+    from nrdm.data.datasets import check_video
+    from nrdm.models.registry import MODEL_SIZES
+    check_video(cfg.data)
+    backbone = cfg.model.backbone or MODEL_SIZES.get(cfg.model.size or "", {}).get("backbone")
+    if (cfg.data.frames > 0) != (backbone == "video"):
+        raise ValueError(f"data.frames={cfg.data.frames} with model backbone {backbone!r}: video data needs "
+                         f"model.backbone=video (e.g. model.size=Latte-S/2) and image data an image backbone")
 
 
 def load_run(run_dir: str | Path, use_ema: bool = True):

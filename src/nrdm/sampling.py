@@ -36,3 +36,16 @@ def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tenso
         out.append(x.clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+def save_samples(samples: torch.Tensor, path, nrow: int | None = None, scale: int | None = None,
+                 fps: int = 8) -> list:
+    """Images (N, C, H, W) -> a PNG grid at `path`; videos (N, C, F, H, W) -> GIF + MP4 of the
+    grid and a PNG of frames (one row per sample) next to it. Returns the written paths."""
+    from nrdm.utils.images import save_grid
+    from nrdm.utils.video import save_video
+
+    scale = scale or max(1, 64 // samples.shape[-1])
+    if samples.ndim == 5:
+        return list(save_video(samples, path, nrow=nrow, scale=scale, fps=fps).values())
+    return [save_grid(samples, path, nrow=nrow, scale=scale)]

@@ -165,7 +165,17 @@ class ImageFolder(torch.utils.data.Dataset):
         raise ValueError(f"no readable image in {self.root}")
 
 
-DATASETS = ("digits", "mnist", "fashion", "folder")
+DATASETS = ("digits", "mnist", "fashion", "folder", "moving-digits", "video-folder")
+VIDEO_DATASETS = ("moving-digits", "video-folder")
+
+
+def check_video(cfg) -> None:
+    video = cfg.name in VIDEO_DATASETS
+    if video and cfg.frames < 1:
+        raise ValueError(f"data.name={cfg.name} is video: set data.frames (frames per clip, e.g. 8)")
+    if not video and cfg.frames:
+        raise ValueError(f"data.frames={cfg.frames} needs a video dataset ({', '.join(VIDEO_DATASETS)}); "
+                         f"data.name={cfg.name} holds images (set data.frames=0)")
 
 
 def build_dataset(cfg) -> torch.utils.data.Dataset:
@@ -173,8 +183,19 @@ def build_dataset(cfg) -> torch.utils.data.Dataset:
     if cfg.vae:
         raise ValueError(f"data.vae={cfg.vae!r}: training on VAE latents is not available yet in this version; "
                          f"the preset constructs and validates (nrdm info) but cannot train here")
+    check_video(cfg)
     if cfg.name == "digits":
         return load_digits_dataset(cfg.image_size, cfg.split)
+    if cfg.name == "moving-digits":
+        from nrdm.data.video import moving_digits
+        test = cfg.split == "test"
+        return moving_digits(cfg.num_clips // 4 if test else cfg.num_clips, cfg.frames, cfg.image_size,
+                             cfg.digit_size or cfg.image_size // 2, cfg.num_digits, cfg.speed, cfg.split)
+    if cfg.name == "video-folder":
+        from nrdm.data.video import VideoFolder
+        if not cfg.root:
+            raise ValueError("data.root must point at a video folder (see nrdm.data.video for the layouts)")
+        return VideoFolder(cfg.root, cfg.image_size, cfg.frames, cfg.frame_stride, cfg.skip_corrupt, cfg.num_classes)
     if cfg.name in ("mnist", "fashion"):
         root = cfg.root or (FASHION_MNIST_DIR if cfg.name == "fashion" else None)
         if root is None:
@@ -195,8 +216,14 @@ def data_shape(cfg) -> tuple[int, int, int]:
             raise ValueError(f"data.image_size={cfg.image_size} must be divisible by data.vae_downsample={cfg.vae_downsample}")
         _, _, num_classes = data_shape(type(cfg)(**{**cfg.__dict__, "vae": None}))
         return cfg.latent_channels, cfg.image_size // cfg.vae_downsample, num_classes
-    if cfg.name in ("digits", "mnist", "fashion"):
+    check_video(cfg)
+    if cfg.name in ("digits", "mnist", "fashion", "moving-digits"):
         return 1, cfg.image_size, cfg.num_classes or 10
+    if cfg.name == "video-folder":
+        from nrdm.data.video import scan_video_folder
+        if cfg.num_classes is not None:
+            return 3, cfg.image_size, cfg.num_classes
+        return 3, cfg.image_size, len(scan_video_folder(Path(cfg.root or ""))[1])
     if cfg.name == "folder":
         if cfg.num_classes:
             return 3, cfg.image_size, cfg.num_classes

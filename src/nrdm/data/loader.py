@@ -65,5 +65,6 @@ class BatchStream:
         images, labels = self._fetch(mine)
         if self.hflip:
             flip = flip_mask(self.global_batch, self.seed, step)[lo:lo + self.per_rank]
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            flip = flip.view(-1, *[1] * (images.ndim - 1))             # images (B, C, H, W) or clips (B, C, F, H, W)
+            images = torch.where(flip, images.flip(-1), images)
         return [(images[i:i + self.micro], labels[i:i + self.micro]) for i in range(0, self.per_rank, self.micro)]

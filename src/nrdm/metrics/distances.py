@@ -67,10 +67,11 @@ def kernel_inception_distance(x: np.ndarray, y: np.ndarray, subsets: int = 100, 
 
 
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) on each of `splits` chunks; returns (mean, std)."""
+    """exp(E_x KL(p(y|x) || p(y))) on each of `splits` chunks (fewer when there are fewer samples);
+    returns (mean, std)."""
     probs = np.asarray(probs, np.float64)
     scores = []
-    for part in np.array_split(probs, splits):
+    for part in np.array_split(probs, max(1, min(splits, len(probs)))):
         marginal = part.mean(0, keepdims=True)
         kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(1)
         scores.append(np.exp(kl.mean()))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import nrdm
 from nrdm.metrics.distances import (GaussianStats, frechet_distance, inception_score, kernel_inception_distance,
                                     precision_recall)
-from nrdm.metrics.features import TorchScriptInception, cache_dir, domain_network
+from nrdm.metrics.features import DOMAIN_DATASETS, TorchScriptI3D, TorchScriptInception, cache_dir, domain_network
 from nrdm.sampling import generate, grid_labels
 
 
@@ -33,7 +33,7 @@ def extract(net, images: torch.Tensor, batch_size: int = 256, progress: bool = F
 
 def default_split(data_cfg) -> str:
     """Reference split: the held-out one where the dataset has it (digits: its fixed 20% test part)."""
-    return "test" if data_cfg.name in ("digits", "mnist", "fashion") else data_cfg.split
+    return "test" if data_cfg.name in ("digits", "mnist", "fashion", "moving-digits") else data_cfg.split
 
 
 def reference_features(data_cfg, split: str, net, max_n: int = 10_000, progress: bool = True) -> dict:
@@ -41,7 +41,8 @@ def reference_features(data_cfg, split: str, net, max_n: int = 10_000, progress:
     dataset, split, image size, feature-network hash and max_n."""
     from nrdm.data.datasets import build_dataset
 
-    key = (f"{data_cfg.name}-{split}-{data_cfg.image_size}px-{net.content_hash[:16]}-n{max_n}"
+    frames = f"-f{data_cfg.frames}s{data_cfg.frame_stride}" if data_cfg.frames else ""
+    key = (f"{data_cfg.name}-{split}-{data_cfg.image_size}px{frames}-{net.content_hash[:16]}-n{max_n}"
            .replace("/", "_"))
     path = cache_dir() / "ref-stats" / f"{key}.npz"
     if path.exists():
@@ -76,10 +77,10 @@ def compute_metrics(real: dict, fake: dict, fake_labels: np.ndarray | None = Non
         out["precision"], out["recall"] = precision_recall(real["pool"], fake["pool"], k=k)
         if "spatial" in real and "spatial" in fake:
             out["sfid"] = frechet_distance(GaussianStats.of(real["spatial"]), GaussianStats.of(fake["spatial"]))
-        if "probs" in fake:
-            out["is"], out["is_std"] = inception_score(fake["probs"])
-            if fake_labels is not None and fake["probs"].shape[1] > int(fake_labels.max()):
-                out["class_accuracy"] = float((fake["probs"].argmax(1) == fake_labels).mean())
+    if "probs" in fake:
+        out["is"], out["is_std"] = inception_score(fake["probs"])
+        if fake_labels is not None and fake["probs"].shape[1] > int(fake_labels.max()):
+            out["class_accuracy"] = float((fake["probs"].argmax(1) == fake_labels).mean())
     return out
 
 
@@ -95,13 +96,18 @@ def git_commit() -> str | None:
 
 
 def feature_network(data_cfg, spec: str | None = None, domain_epochs: int | None = None, progress: bool = True):
-    """spec: None/"domain" (built-in network of digits/mnist/fashion), "inception" (TorchScript file
-    from $NRDM_INCEPTION), or a path to the TorchScript Inception file."""
+    """spec: None (the domain network where one exists, else Inception / I3D for video), "domain"
+    (built-in network of digits/mnist/fashion/moving-digits), "inception" / "i3d" (TorchScript
+    file from $NRDM_INCEPTION / $NRDM_I3D), or a path to such a TorchScript file (I3D for video
+    data, Inception for images)."""
+    video = data_cfg.frames > 0
     if spec in (None, "domain"):
-        if spec is None and data_cfg.name not in ("digits", "mnist", "fashion"):
-            return TorchScriptInception()
+        if spec is None and data_cfg.name not in DOMAIN_DATASETS:
+            return TorchScriptI3D() if video else TorchScriptInception()
         return domain_network(data_cfg, epochs=domain_epochs, progress=progress)
-    return TorchScriptInception(None if spec == "inception" else spec)
+    if spec in ("inception", "i3d"):
+        return TorchScriptI3D() if spec == "i3d" else TorchScriptInception()
+    return TorchScriptI3D(spec) if video else TorchScriptInception(spec)
 
 
 @torch.no_grad()

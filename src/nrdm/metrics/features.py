@@ -114,23 +114,27 @@ class TorchScriptI3D(_TorchScriptNetwork):
         return {"pool": feats.float().cpu().numpy()}
 
 
+DOMAIN_DATASETS = ("digits", "mnist", "fashion", "moving-digits")
+
+
 class DomainNetwork:
     """A SmallCNN classifier on the benchmark data: 'pool' = its 128-D penultimate features,
     'probs' = softmax over the dataset's classes, 'spatial' = the first 7 channels of its last
     feature map (the sFID recipe, on this network)."""
 
-    kind = "image"
-
     def __init__(self, model: SmallCNN, name: str, content_hash: str, meta: dict):
         self.model, self.name, self.content_hash, self.meta = model.eval(), name, content_hash, meta
+        self.kind = "video" if model.video else "image"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        fmap = self.model.features[:-2](images.float())                  # (N, 128, h, w) before pooling
+        fmap = self.model.features[:-2](images.float())                  # (N, 128, [F,] h, w) before pooling
         pool = self.model.features[-2:](fmap)                            # (N, 128)
         probs = self.model.head(pool).softmax(-1)
-        spatial = fmap[:, :7].flatten(1)
-        return {"pool": pool.numpy(), "probs": probs.numpy(), "spatial": spatial.numpy()}
+        out = {"pool": pool.numpy(), "probs": probs.numpy()}
+        if not self.model.video:
+            out["spatial"] = fmap[:, :7].flatten(1).numpy()
+        return out
 
     @property
     def num_classes(self) -> int:
@@ -143,10 +147,14 @@ def domain_network(data_cfg, epochs: int | None = None, progress: bool = True) -
     30k images' worth of training, 3 to 15 epochs (digits 15, Fashion-MNIST 3)."""
     from nrdm.data.datasets import build_dataset, load_digits_dataset
 
-    if data_cfg.name not in ("digits", "mnist", "fashion"):
-        raise ValueError(f"no built-in domain network for data.name={data_cfg.name!r} (digits, mnist, fashion); "
-                         f"use the Inception network (--feature-net inception)")
+    if data_cfg.name not in DOMAIN_DATASETS:
+        raise ValueError(f"no built-in domain network for data.name={data_cfg.name!r} ({', '.join(DOMAIN_DATASETS)}); "
+                         f"use the Inception network (--feature-net inception) or, for video, I3D (--feature-net i3d)")
     key = f"{data_cfg.name}-{data_cfg.image_size}px-smallcnn2-e{epochs or 'auto'}"
+    if data_cfg.name == "moving-digits":      # the clips depend on all of these
+        d = data_cfg
+        key = (f"{d.name}-{d.image_size}px-f{d.frames}-d{d.digit_size or d.image_size // 2}-v{d.speed:g}"
+               f"-k{d.num_digits}-n{d.num_clips}-smallcnn3d-e{epochs or 'auto'}")
     root = cache_dir() / "feature-nets"
     weights, meta_file = root / f"{key}.safetensors", root / f"{key}.json"
     if not weights.exists():
@@ -156,18 +164,19 @@ def domain_network(data_cfg, epochs: int | None = None, progress: bool = True) -
         else:
             train_set = build_dataset(type(data_cfg)(**{**data_cfg.__dict__, "split": "train"}))
             test_set = build_dataset(type(data_cfg)(**{**data_cfg.__dict__, "split": "test"}))
-        epochs = epochs or min(15, max(3, 30_000 // len(train_set)))
+        epochs = epochs or min(15, max(3, 30_000 // (len(train_set) * max(1, data_cfg.frames))))
         model = train_classifier(train_set.images, train_set.labels, train_set.num_classes, epochs=epochs,
                                  progress=progress)
         meta = {"dataset": data_cfg.name, "image_size": data_cfg.image_size, "epochs": epochs,
                 "train_images": len(train_set), "test_accuracy": accuracy(model, test_set.images, test_set.labels),
-                "num_classes": train_set.num_classes, "in_channels": train_set.channels}
+                "num_classes": train_set.num_classes, "in_channels": train_set.channels,
+                "video": train_set.images.ndim == 5}
         root.mkdir(parents=True, exist_ok=True)
         meta_file.write_text(json.dumps(meta, indent=2))
         tmp = weights.with_suffix(".tmp")                       # weights last: their presence means done
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         tmp.replace(weights)
     meta = json.loads(meta_file.read_text())
-    model = SmallCNN(meta["in_channels"], meta["num_classes"])
+    model = SmallCNN(meta["in_channels"], meta["num_classes"], video=meta.get("video", False))
     model.load_state_dict(load_file(str(weights)))
     return DomainNetwork(model, f"domain:{key}", file_hash(weights), meta)

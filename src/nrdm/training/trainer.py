@@ -33,12 +33,11 @@ from nrdm.data.datasets import data_shape
 from nrdm.diffusion import NoiseDraws, diffusion_loss
 from nrdm.factory import build_loss_config, build_model_from_config, build_schedule, validate
 from nrdm.models import count_parameters, no_weight_decay_names
-from nrdm.sampling import generate, grid_labels
+from nrdm.sampling import generate, grid_labels, save_samples
 from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from nrdm.training.ema import EMA
-from nrdm.utils.images import save_grid
 
 # config keys that may change when a run is resumed
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_every",
@@ -140,9 +139,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
 
     dataset = build_dataset(cfg.data)
     expected = data_shape(cfg.data)
-    if (dataset.channels, dataset.image_size) != expected[:2]:
-        raise ValueError(f"dataset gives {dataset.channels}x{dataset.image_size} images, config expects "
-                         f"{expected[0]}x{expected[1]}")
+    frames = getattr(dataset, "num_frames", 0)
+    if (dataset.channels, dataset.image_size, frames) != (*expected[:2], cfg.data.frames):
+        raise ValueError(f"dataset gives {dataset.channels} channels, {dataset.image_size}px, {frames} frames; the "
+                         f"config expects {expected[0]}, {expected[1]}px, {cfg.data.frames} frames")
     torch.manual_seed(tc.seed)                       # same initial weights on every rank and every run
     model = build_model_from_config(cfg).to(env.device)
     if model.num_classes and dataset.num_classes > model.num_classes:
@@ -302,19 +302,19 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                                          ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")}})
         window["t0"] += time.perf_counter() - io_start
     bar.close()
-    grid = out / "samples" / f"step-{tc.steps:08d}.png"
-    return {"steps": tc.steps, "final_loss": last_loss, "samples": str(grid) if grid.exists() else None,
+    grids = sorted((out / "samples").glob(f"step-{tc.steps:08d}*")) if (out / "samples").is_dir() else []
+    return {"steps": tc.steps, "final_loss": last_loss, "samples": [str(p) for p in grids] or None,
             "checkpoint": str(latest_checkpoint(out))}
 
 
-def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device) -> Path:
-    """A grid of cfg.sample.n samples from fixed seeds; class-conditional models get one class
-    per column (labels 0..K-1 repeated)."""
+def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device) -> list[Path]:
+    """A grid of cfg.sample.n samples from fixed seeds (GIF/MP4/PNG for video); class-conditional
+    models get one class per column (labels 0..K-1 repeated)."""
     s = cfg.sample
     labels = grid_labels(s.n, model.num_classes)
     images = generate(model, schedule, s.n, labels, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device)
     nrow = model.num_classes if model.num_classes else None
-    return save_grid(images, path, nrow=nrow, scale=max(1, 64 // model.image_size))
+    return save_samples(images, path, nrow=nrow)
 
 
 def _num(value) -> float | str:
