@@ -2,21 +2,23 @@
 # The depth study of docs/depth-study.md, as run on a 2-core CPU (opt-in; about 75 + 55 minutes).
 #   bash benchmarks/depth_study.sh toy     # toy lab: 6 variants x depths 8..1024 x 3 seeds (+ nrdm at gamma 0.01)
 #   bash benchmarks/depth_study.sh image   # digits: flow-shaped (6 variants, + nrdm gamma 0.01) and U-shaped, depths 4..64
-# Each grid resumes where it stopped; `--shard I/N` splits one grid over N processes.
+# Each grid resumes where it stopped. SHARD=I/N runs every N-th cell from the I-th, so N processes
+# (started with SHARD=0/N ... SHARD=N-1/N) share one grid and its results file.
 set -euo pipefail
 OUT=${OUT:-runs/depth-study}
+SHARD=${SHARD:-0/1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 TOY=(--depths 8 32 128 1024 --seeds 0 1 2 --width 32 --steps 120 --batch-size 128 --eval-n 1000 --sample-steps 20)
 IMAGE=(--preset digits --depths 4 16 64 --steps 300 --batch-size 64 --width 64 --patch-size 4 --eval-n 250)
 case "${1:-all}" in
   toy|all)
-    nrdm lab toy --out "$OUT/toy" "${TOY[@]}" --gammas 0 --no-progress
-    nrdm lab toy --out "$OUT/toy" "${TOY[@]}" --gammas 0.01 --variants nrdm resnet --no-progress ;;&
+    nrdm lab toy --out "$OUT/toy" "${TOY[@]}" --gammas 0 --no-progress --shard "$SHARD"
+    nrdm lab toy --out "$OUT/toy" "${TOY[@]}" --gammas 0.01 --variants nrdm resnet --no-progress --shard "$SHARD" ;;&
   image|all)
-    nrdm lab image --out "$OUT/image" "${IMAGE[@]}" --gammas 0 --no-progress
-    nrdm lab image --out "$OUT/image" "${IMAGE[@]}" --gammas 0.01 --variants nrdm --no-progress
+    nrdm lab image --out "$OUT/image" "${IMAGE[@]}" --gammas 0 --no-progress --shard "$SHARD"
+    nrdm lab image --out "$OUT/image" "${IMAGE[@]}" --gammas 0.01 --variants nrdm --no-progress --shard "$SHARD"
     nrdm lab image --out "$OUT/image" "${IMAGE[@]}" --gammas 0 --backbones u-transformer \
-      --variants nrdm resnet adaln-zero --no-progress ;;
+      --variants nrdm resnet adaln-zero --no-progress --shard "$SHARD" ;;
   toy|image|all) ;;
   *) echo "usage: $0 toy|image|all" >&2; exit 2 ;;
 esac
