@@ -22,11 +22,13 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class TensorImages(torch.utils.data.Dataset):
-    """In-memory images (N, C, H, W) in [-1, 1] with integer labels."""
+    """In-memory images (N, C, H, W), or video clips (N, C, F, H, W), in [-1, 1] with integer
+    labels; `num_frames` is F for clips and 0 for images."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str):
         self.images, self.labels, self.num_classes, self.name = images, labels.long(), num_classes, name
         self.channels, self.image_size = images.shape[1], images.shape[-1]
+        self.num_frames = images.shape[2] if images.ndim == 5 else 0
 
     def __len__(self) -> int:
         return len(self.images)

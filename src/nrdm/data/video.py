@@ -19,37 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nrdm.data.datasets import IMAGE_EXTENSIONS
+from nrdm.data.datasets import IMAGE_EXTENSIONS, TensorImages, load_digits_dataset
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".gif", ".mov", ".webm", ".mkv", ".m4v"}
 FRAME_EXTENSIONS = IMAGE_EXTENSIONS - VIDEO_EXTENSIONS          # a .gif is a video, never one frame
 
 
-class TensorVideos(torch.utils.data.Dataset):
-    """In-memory clips (N, C, F, H, W) in [-1, 1] with integer labels."""
-
-    def __init__(self, videos: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str):
-        self.images, self.labels, self.num_classes, self.name = videos, labels.long(), num_classes, name
-        self.channels, self.num_frames, self.image_size = videos.shape[1], videos.shape[2], videos.shape[-1]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        return self.images[index], int(self.labels[index])
-
-    def batch(self, indices: torch.Tensor):
-        return self.images[indices], self.labels[indices]
-
-
 def moving_digits(num_clips: int = 4096, frames: int = 8, image_size: int = 32, digit_size: int = 16,
-                  num_digits: int = 1, speed: float = 2.0, split: str = "train", seed: int = 0) -> TensorVideos:
+                  num_digits: int = 1, speed: float = 2.0, split: str = "train", seed: int = 0) -> TensorImages:
     """Clips of `num_digits` digits (drawn from the digits' train-only or test part) moving in
     straight lines at `speed` pixels per frame and bouncing off the canvas edges; overlapping
     digits combine by maximum. Label = the class of the first digit. Same arguments, same clips.
     """
-    from nrdm.data.datasets import load_digits_dataset
-
     if digit_size > image_size:
         raise ValueError(f"digit_size={digit_size} must not exceed image_size={image_size}")
     source = load_digits_dataset(digit_size, "test" if split == "test" else "train-only")
@@ -73,7 +54,7 @@ def moving_digits(num_clips: int = 4096, frames: int = 8, image_size: int = 32, 
             cols = (pos[:, k, 1, None] + offset)[:, None, :]                   # (N, 1, s)
             frame[clip, rows, cols] = torch.maximum(frame[clip, rows, cols], glyphs[pick[:, k]])
     videos = (canvas * 2 - 1)[:, None]                                         # (N, 1, F, H, W)
-    return TensorVideos(videos, source.labels[pick[:, 0]], 10, "moving-digits")
+    return TensorImages(videos, source.labels[pick[:, 0]], 10, "moving-digits")
 
 
 def _is_clip_dir(path: Path) -> bool:
