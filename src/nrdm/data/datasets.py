@@ -109,6 +109,25 @@ def load_idx_dataset(root: str | Path, split: str = "train", image_size: int = 2
                         int(labels.max()) + 1, name)
 
 
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """One image file -> (3, S, S) in [-1, 1]: RGB, center-cropped to a square, bicubic resize.
+    An unreadable file is a ValueError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}. Remove or replace the file, "
+                         f"or set data.skip_corrupt=true to skip unreadable images") from err
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    img = img.resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)   # (3, S, S)
+    return x.float() / 127.5 - 1
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class>/<image>: classes sorted by folder name. Images are read with Pillow when
     indexed, converted to RGB, center-cropped to a square and resized to image_size.
@@ -138,20 +157,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def load(self, path: Path) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read image {path}: {err}. Remove or replace the file, "
-                             f"or set data.skip_corrupt=true to skip unreadable images") from err
-        w, h = img.size
-        side = min(w, h)
-        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-        img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)   # (3, S, S)
-        return x.float() / 127.5 - 1
+        return load_image(path, self.image_size)
 
     def __getitem__(self, index: int):
         for offset in range(len(self.files)):
