@@ -1,0 +1,170 @@
+"""Latent diffusion: autoencoders behind one interface, and latent pre-extraction.
+
+    codec = build_codec("stabilityai/sd-vae-ft-ema")     # diffusers AutoencoderKL (path or hub name)
+    codec = build_codec("runs/ae-fashion")               # an autoencoder this project trained
+    z = codec.encode(images)                              # (B, C, H, W) in [-1, 1] -> scaled latents
+    images = codec.decode(z)
+
+Latents are scaled so they have roughly unit variance (SD-VAE: z = scaling_factor * mean), the
+scale the diffusion schedule expects. Encoding takes the posterior mean, so extracted latents are
+deterministic and cacheable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class LatentCodec(nn.Module):
+    """Base: subclasses set latent_channels, downsample, identity; implement _encode/_decode on
+    unscaled latents. The scaling (z = scale * (latent - shift)) lives here."""
+
+    latent_channels: int
+    downsample: int
+    identity: str
+    scale: float = 1.0
+    shift: float = 0.0
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return (self._encode(images) - self.shift) * self.scale               # (B, c, H/f, W/f)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents / self.scale + self.shift).clamp(-1, 1)   # (B, C, H, W)
+
+
+class DiffusersVAE(LatentCodec):
+    """diffusers' AutoencoderKL (SD-VAE and relatives) from a local directory or hub name, with
+    the scaling (and shift) factor from its config."""
+
+    def __init__(self, name_or_path: str, subfolder: str | None = None):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        self.vae = AutoencoderKL.from_pretrained(name_or_path, **kwargs).eval().requires_grad_(False)
+        config = self.vae.config
+        self.latent_channels = config.latent_channels
+        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+        self.scale = float(config.scaling_factor)
+        self.shift = float(getattr(config, "shift_factor", None) or 0.0)
+        self.identity = f"diffusers:{name_or_path}{'/' + subfolder if subfolder else ''}"
+
+    def _encode(self, images):
+        return self.vae.encode(images).latent_dist.mean
+
+    def _decode(self, latents):
+        return self.vae.decode(latents).sample
+
+
+class SmallAutoencoder(LatentCodec):
+    """A plain conv autoencoder the project trains itself on its benchmark data (so the latent
+    pipeline runs end to end offline): `levels` stride-2 stages down to `latent_channels`, and
+    back; trained by MSE plus a small L2 pull on the latents (no KL), its latent std measured after
+    training sets `scale`."""
+
+    def __init__(self, in_channels: int = 1, latent_channels: int = 4, width: int = 32, levels: int = 2):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, latent_channels=latent_channels, width=width, levels=levels)
+        self.latent_channels, self.downsample = latent_channels, 2 ** levels
+        down, up, c = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()], [], width
+        for _ in range(levels):
+            down += [nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU()]
+            up = [nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()] + up
+            c *= 2
+        self.encoder = nn.Sequential(*down, nn.Conv2d(c, latent_channels, 3, padding=1))
+        self.decoder = nn.Sequential(nn.Conv2d(latent_channels, c, 3, padding=1), nn.SiLU(), *up,
+                                     nn.Conv2d(width, in_channels, 3, padding=1))
+        self.identity = "small-autoencoder:untrained"
+
+    def _encode(self, images):
+        return self.encoder(images)
+
+    def _decode(self, latents):
+        return self.decoder(latents)
+
+    def fit(self, images: torch.Tensor, epochs: int = 5, batch_size: int = 128, lr: float = 2e-3,
+            latent_l2: float = 1e-4, seed: int = 0, progress: bool = True) -> dict:
+        """Train on in-memory images (N, C, H, W) in [-1, 1]; returns {"mse": last epoch's mean}."""
+        with torch.random.fork_rng(), torch.enable_grad():
+            torch.manual_seed(seed)
+            opt = torch.optim.AdamW(self.parameters(), lr=lr)
+            gen = torch.Generator().manual_seed(seed)
+            bar = tqdm(range(epochs), desc="autoencoder", disable=not progress)
+            self.train()
+            for _ in bar:
+                total, order = 0.0, torch.randperm(len(images), generator=gen)
+                for start in range(0, len(images), batch_size):
+                    x = images[order[start:start + batch_size]]
+                    z = self.encoder(x)
+                    mse = (self.decoder(z) - x).pow(2).mean()
+                    loss = mse + latent_l2 * z.pow(2).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total += float(mse) * len(x)
+                bar.set_postfix(mse=f"{total / len(images):.4f}")
+            self.eval()
+            with torch.no_grad():
+                latents = torch.cat([self.encoder(images[i:i + 512]) for i in range(0, len(images), 512)])
+            self.shift, self.scale = float(latents.mean()), float(1.0 / latents.std())
+        return {"mse": total / len(images), "scale": self.scale, "shift": self.shift}
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "autoencoder.json").write_text(json.dumps({**self.config, "scale": self.scale,
+                                                                "shift": self.shift}, indent=2))
+        tmp = directory / "autoencoder.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.replace(directory / "autoencoder.safetensors")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SmallAutoencoder":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = json.loads((directory / "autoencoder.json").read_text())
+        model = cls(**{k: meta[k] for k in ("in_channels", "latent_channels", "width", "levels")})
+        weights = directory / "autoencoder.safetensors"
+        model.load_state_dict(load_file(str(weights)))
+        model.scale, model.shift = meta["scale"], meta["shift"]
+        model.identity = f"small-autoencoder:{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}"
+        return model.eval().requires_grad_(False)
+
+
+def build_codec(spec: str, subfolder: str | None = None) -> LatentCodec:
+    """A directory with autoencoder.json: this project's SmallAutoencoder; anything else: a
+    diffusers AutoencoderKL (local directory or hub name)."""
+    if (Path(spec) / "autoencoder.json").is_file():
+        return SmallAutoencoder.load(spec)
+    return DiffusersVAE(spec, subfolder)
+
+
+def extract_latents(codec: LatentCodec, images: torch.Tensor, cache: str | Path | None = None,
+                    batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Encode images (N, C, H, W) in batches with a progress bar. With `cache` (a .pt path), reuse
+    the file when it was written by the same codec for the same images, else (re)write it."""
+    fingerprint = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16] + f"-{tuple(images.shape)}"
+    if cache is not None and Path(cache).is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("codec") == codec.identity and saved.get("images") == fingerprint:
+            return saved["latents"]
+    latents = torch.cat([codec.encode(images[i:i + batch_size])
+                         for i in tqdm(range(0, len(images), batch_size), desc="latents", disable=not progress)])
+    if cache is not None:
+        cache = Path(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        torch.save({"codec": codec.identity, "images": fingerprint, "latents": latents}, tmp)
+        tmp.replace(cache)
+    return latents
