@@ -159,7 +159,27 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
         fig.suptitle(f"{setting}: residual sensitivity per unit (depth {deepest}, gamma {gamma:g}, seed {r['seed']})")
         written.append(_save(fig, out_dir / f"{setting}_sensitivity_gamma{gamma:g}.png"))
 
-    # 4. gates against diffusion time (deepest depth, first seed of each variant and gamma)
+    # 4. sensitivity ratio (first unit / last unit) against depth: every seed as a dot, geometric mean as a line
+    for gamma in gammas:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for v in variants:
+            rs = [r for r in records if r["variant"] == v and r["gamma"] == gamma and sensitivity_ratio(r)]
+            if not rs:
+                continue
+            ax.scatter([r["depth"] for r in rs], [sensitivity_ratio(r) for r in rs], color=colors[v], s=12, alpha=0.6)
+            line = sorted((r for r in rows if r["variant"] == v and r["gamma"] == gamma
+                           and math.isfinite(r["sensitivity_ratio"])), key=lambda r: r["depth"])
+            ax.plot([r["depth"] for r in line], [r["sensitivity_ratio"] for r in line], "-", color=colors[v], label=v)
+        ax.axhline(1.0, ls="--", color="gray")
+        ax.set(xlabel="depth", ylabel="||dL/dz_first|| / ||dL/dz_last|| (end of training)", xscale="log",
+               yscale="log", title=f"{setting}: sensitivity growth through the stack, gamma {gamma:g}\n"
+                                   f"(dots: seeds; line: geometric mean)")
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir / f"{setting}_sensitivity_vs_depth_gamma{gamma:g}.png"))
+
+    # 5. gates against diffusion time (deepest depth, first seed of each variant and gamma)
     rs = [r for r in records if r["depth"] == deepest and r.get("gates") and len(r["gates"]) > 1]
     if rs:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
