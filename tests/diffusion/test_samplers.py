@@ -156,9 +156,9 @@ def test_guidance_scale_one_is_conditional_and_zero_is_unconditional():
     conditional = model(x, t, labels)
     unconditional = model(x, t, torch.full_like(labels, 2))
     assert not torch.allclose(conditional, unconditional)
-    torch.testing.assert_close(guided_output(model, x, t, labels, 1.0, 2), conditional)
-    torch.testing.assert_close(guided_output(model, x, t, labels, 0.0, 2), unconditional)
-    torch.testing.assert_close(guided_output(model, x, t, labels, 3.0, 2),
+    torch.testing.assert_close(guided_output(model, x, t, labels, 1.0), conditional)
+    torch.testing.assert_close(guided_output(model, x, t, labels, 0.0), unconditional)
+    torch.testing.assert_close(guided_output(model, x, t, labels, 3.0),
                                unconditional + 3.0 * (conditional - unconditional))
     torch.testing.assert_close(eps_predictor(model, schedule, labels, cfg_scale=1.0)(x, t), conditional)
 

@@ -194,7 +194,7 @@ def test_video_blocks_mix_only_within_a_frame_or_across_frames():
                 p.add_(torch.randn_like(p) * 0.1)        # leave the identity init so every branch acts
         B, F, N, D = 2, 4, model.pos_embed.shape[2], model.pos_embed.shape[3]
         z = torch.randn(B, F, N, D)
-        cond, _, _ = model.embed(torch.tensor([10, 900]), torch.tensor([0, 1]))
+        cond = model.embed(torch.tensor([10, 900]), torch.tensor([0, 1]))[0]
         from nrdm.models.video_transformer import _repeat
         per_frame, per_position = _repeat(cond, F), _repeat(cond, N)
         bumped = z.clone()

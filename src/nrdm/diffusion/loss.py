@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nrdm.diffusion.schedule import VPSchedule
+from nrdm.models.conditions import null_condition, replace_where
 from nrdm.models.gated_unit import gated_units
 from nrdm.models.tracing import UnitTracer
 
@@ -91,11 +92,11 @@ class NoiseDraws:
         return NoiseDraws(self.t.to(device), self.noise.to(device), self.drop.to(device))
 
 
-def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, schedule: VPSchedule,
+def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSchedule,
                    config: LossConfig = LossConfig(), generator: torch.Generator | None = None,
                    diagnostics: bool = False, draws: NoiseDraws | None = None) -> LossOutput:
-    """One Monte-Carlo estimate of the loss on a batch: t ~ U{0..T-1}, eps ~ N(0, I), labels
-    dropped to the null class with probability label_drop. `draws` supplies those; by default
+    """One Monte-Carlo estimate of the loss on a batch: t ~ U{0..T-1}, eps ~ N(0, I), labels (class
+    indices or TextEmbeddings) dropped to the model's null condition with probability label_drop. `draws` supplies those; by default
     they come from `generator`, which also picks the penalized units and their probes.
 
     diagnostics=True traces every unit (update ratios, gate statistics, and, once the loss has
@@ -104,9 +105,10 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | No
     if draws is None:
         draws = NoiseDraws.sample(x0.shape, schedule.num_timesteps, config.label_drop, generator, x0.device)
     t, noise = draws.t, draws.noise.to(x0.dtype)
-    num_classes = getattr(unwrap(model), "num_classes", 0)
-    if labels is not None and num_classes:
-        labels = torch.where(draws.drop, torch.full_like(labels, num_classes), labels)
+    if labels is not None:           # condition dropout: the null class or the empty caption
+        null = null_condition(unwrap(model), x0.shape[0], x0.device)
+        if null is not None:
+            labels = replace_where(draws.drop, null, labels)
     xt = schedule.add_noise(x0, t, noise)
     target = schedule.target(x0, t, noise)
     if config.gamma == 0 and not diagnostics:

@@ -8,34 +8,82 @@ from torch import nn
 
 from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig
 from nrdm.models.layers import Attention, LabelEmbedder, Mlp, TimestepEmbedder
+from nrdm.models.text_encoders import TextEmbeddings
 
 INPUT_CONDITIONING = ("auto", "on", "off")
 SKIP_SCALINGS = ("none", "constant", "learned")
 
 
 class ConditionEmbedder(nn.Module):
-    """(t, labels) -> Conditioning(c = t_emb + y_emb, tau = 2t/T - 1).
+    """(t, condition) -> Conditioning(c, tau), t_emb, y_emb, context.
 
-    num_classes = 0 makes the model unconditional (labels are ignored).
+    condition: class labels (B,) for num_classes > 0 (index num_classes = the null class), or a
+    TextEmbeddings for text_dim > 0: its pooled vector joins c through a linear map and, with
+    text_tokens > 0, its first text_tokens token features become context tokens (B, L, D) that
+    token backbones put in front of their patch tokens (in-context conditioning, as U-ViT does).
+    c = t_emb + y_emb, tau = 2t/T - 1. num_classes = text_dim = 0: unconditional.
     """
 
-    def __init__(self, width: int, num_classes: int, num_timesteps: int):
+    def __init__(self, width: int, num_classes: int, num_timesteps: int, text_dim: int = 0, text_tokens: int = 0):
         super().__init__()
         self.num_timesteps = num_timesteps
         self.time = TimestepEmbedder(width)
-        self.label = LabelEmbedder(num_classes, width) if num_classes > 0 else None
+        self.label = LabelEmbedder(num_classes, width) if num_classes > 0 and not text_dim else None
+        self.text = TextEmbedder(text_dim, width, text_tokens) if text_dim else None
 
-    def forward(self, t: torch.Tensor, labels: torch.Tensor | None):
+    def forward(self, t: torch.Tensor, condition):
         t_emb = self.time(t)                                                     # (B, D)
-        y_emb = None
+        y_emb, context = None, None
         if self.label is not None:
-            if labels is None:
+            if not isinstance(condition, torch.Tensor):
                 raise ValueError("this model is class-conditional: pass labels "
                                  f"(use {self.label.num_classes} for the null class)")
-            y_emb = self.label(labels)                                           # (B, D)
+            y_emb = self.label(condition)                                        # (B, D)
+        elif self.text is not None:
+            if not isinstance(condition, TextEmbeddings):
+                raise ValueError("this model is text-conditional: pass TextEmbeddings (model.null_condition(n) "
+                                 "for the empty caption)")
+            y_emb, context = self.text(condition)                                # (B, D), (B, L, D) or None
         vec = t_emb if y_emb is None else t_emb + y_emb
         tau = 2.0 * t.float() / self.num_timesteps - 1.0                         # (B,)
-        return Conditioning(vec, tau), t_emb, y_emb
+        return Conditioning(vec, tau), t_emb, y_emb, context
+
+
+class TextEmbedder(nn.Module):
+    """TextEmbeddings -> (pooled vector (B, D), context tokens (B, L, D) or None). Holds the
+    embedding of the empty caption (`null_*` buffers, saved with the weights) for guidance and
+    caption dropout; padded token slots enter as zeros (they project to one constant token)."""
+
+    def __init__(self, text_dim: int, width: int, tokens: int):
+        super().__init__()
+        self.text_dim, self.tokens = text_dim, tokens
+        self.pooled = nn.Linear(text_dim, width)
+        self.token_proj = nn.Linear(text_dim, width) if tokens else None
+        self.register_buffer("null_pooled", torch.zeros(1, text_dim))
+        self.register_buffer("null_tokens", torch.zeros(1, max(tokens, 1), text_dim))
+        self.register_buffer("null_mask", torch.zeros(1, max(tokens, 1), dtype=torch.bool))
+
+    def set_null(self, empty: TextEmbeddings) -> None:
+        """Store the encoder's embedding of the empty caption "" (shape (1, ...))."""
+        empty = empty.fit(max(self.tokens, 1))
+        self.null_pooled.copy_(empty.pooled[:1])
+        self.null_tokens.copy_(empty.tokens[:1])
+        self.null_mask.copy_(empty.mask[:1])
+
+    def null(self, batch: int) -> TextEmbeddings:
+        return TextEmbeddings(self.null_pooled.expand(batch, -1), self.null_tokens.expand(batch, -1, -1),
+                              self.null_mask.expand(batch, -1))
+
+    def forward(self, text: TextEmbeddings):
+        if text.pooled.shape[-1] != self.text_dim:
+            raise ValueError(f"text embeddings have {text.pooled.shape[-1]} features, the model expects "
+                             f"{self.text_dim} (model.text_dim must match the text encoder)")
+        vec = self.pooled(text.pooled.to(self.pooled.weight.dtype))                      # (B, D)
+        if self.token_proj is None:
+            return vec, None
+        _, tokens, mask = text.fit(self.tokens)
+        tokens = tokens.to(self.token_proj.weight.dtype) * mask[..., None]               # padding -> zeros
+        return vec, self.token_proj(tokens)                                              # (B, L, D)
 
 
 def wants_input_conditioning(setting: str, unit: UnitConfig) -> bool:
@@ -98,8 +146,10 @@ class LongSkipScaler(nn.Module):
 class Backbone(nn.Module):
     """What every backbone shares: `forward(x, t, labels=None) -> prediction with x's shape`.
 
-    x: (B, C, H, W) noisy input, t: (B,) diffusion steps in [0, num_timesteps), labels: (B,)
-    class indices with `null_class` (= num_classes) meaning "no class" for guidance.
+    x: (B, *sample_shape) noisy input, t: (B,) diffusion steps in [0, num_timesteps), labels: the
+    condition: (B,) class indices with `null_class` (= num_classes) meaning "no class", or
+    TextEmbeddings for text models (text_dim > 0); `null_condition(B)` gives the "no condition"
+    input of either kind.
     """
 
     image_size: int
@@ -116,14 +166,30 @@ class Backbone(nn.Module):
         return block(*args)
 
     def _set_io(self, image_size: int, in_channels: int, patch_size: int, num_classes: int, num_timesteps: int,
-                unit: UnitConfig | str) -> None:
+                unit: UnitConfig | str, text_dim: int = 0) -> None:
         self.image_size, self.in_channels, self.patch_size = image_size, in_channels, patch_size
-        self.num_classes, self.num_timesteps = num_classes, num_timesteps
+        self.text_dim = text_dim
+        self.num_classes, self.num_timesteps = (0 if text_dim else num_classes), num_timesteps
         self.unit = UnitConfig.parse(unit)
+
+    text_dim: int = 0
 
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0 or self.text_dim > 0
+
+    def null_condition(self, batch: int, device=None):
+        """The "no condition" input for guidance and condition dropout: the null class, or the
+        empty caption's embedding for text models; None for unconditional models."""
+        if self.text_dim:
+            return self.embed.text.null(batch)
+        if self.num_classes:
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -133,7 +199,8 @@ class Backbone(nn.Module):
     def example_inputs(self, batch: int = 1, device="cpu"):
         x = torch.zeros(batch, *self.sample_shape, device=device)
         t = torch.full((batch,), self.num_timesteps // 2, device=device, dtype=torch.long)
-        labels = torch.zeros(batch, dtype=torch.long, device=device) if self.num_classes else None
+        labels = self.null_condition(batch, device) if self.text_dim else (
+            torch.zeros(batch, dtype=torch.long, device=device) if self.num_classes else None)
         return x, t, labels
 
     def check_input(self, x: torch.Tensor) -> None:

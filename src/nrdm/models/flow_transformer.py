@@ -35,33 +35,39 @@ class FlowTransformer(Backbone):
     independent knobs. num_classes = 0 -> unconditional.
     input_conditioning: "auto" | "on" | "off"; "on" adds Linear(c) to every patch token, which
     "auto" does for variants whose gates do not see c (resnet, rezero, time-only gates).
+    text_dim > 0 makes it text-conditional (pooled text in c); text_tokens > 0 also puts that many
+    text tokens in front of the patch tokens.
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 4, patch_size: int = 2, width: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0,
-                 unit: UnitConfig | str = "nrdm", input_conditioning: str = "auto", num_timesteps: int = 1000):
+                 unit: UnitConfig | str = "nrdm", input_conditioning: str = "auto", num_timesteps: int = 1000,
+                 text_dim: int = 0, text_tokens: int = 0):
         super().__init__()
         check_patch(image_size, patch_size)
         check_heads(width, heads)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit)
+        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit, text_dim)
         grid = image_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, grid)[None], persistent=False)
-        self.embed = ConditionEmbedder(width, num_classes, num_timesteps)
+        self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim, text_tokens)
         self.cond_in = nn.Linear(width, width) if wants_input_conditioning(input_conditioning, self.unit) else None
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, width, self.unit) for _ in range(depth))
         self.final = FinalLayer(width, patch_size * patch_size * in_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        cond, _, _ = self.embed(t, labels)                                   # c: (B, D)
+        cond, _, _, context = self.embed(t, labels)                          # c: (B, D), context (B, L, D) or None
         z = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
         if self.cond_in is not None:
             z = z + self.cond_in(cond.vec)[:, None]                          # (B, N, D)
+        n_context = 0 if context is None else context.shape[1]
+        if context is not None:
+            z = torch.cat([context, z], dim=1)                               # (B, L+N, D) text tokens in context
         for block in self.blocks:
-            z = self.run(block, z, cond)                                     # (B, N, D)
-        out = self.final(z, cond.vec)                                        # (B, N, p*p*C)
+            z = self.run(block, z, cond)                                     # (B, L+N, D)
+        out = self.final(z[:, n_context:], cond.vec)                                        # (B, N, p*p*C)
         return unpatchify(out, self.patch_size, self.in_channels)           # (B, C, H, W)

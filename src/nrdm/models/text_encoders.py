@@ -31,6 +31,15 @@ class TextEmbeddings(NamedTuple):
     def index(self, idx) -> "TextEmbeddings":
         return TextEmbeddings(*(x[idx] for x in self))
 
+    def fit(self, length: int) -> "TextEmbeddings":
+        """Truncate or zero-pad the token axis to `length`."""
+        have = self.tokens.shape[1]
+        if have >= length:
+            return TextEmbeddings(self.pooled, self.tokens[:, :length], self.mask[:, :length])
+        pad = length - have
+        return TextEmbeddings(self.pooled, torch.nn.functional.pad(self.tokens, (0, 0, 0, pad)),
+                              torch.nn.functional.pad(self.mask, (0, pad)))
+
 
 def _pad(tokens: list[torch.Tensor], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-caption (l_i, T) features -> (B, L, T) zero-padded (L = max_tokens) and mask (B, L)."""

@@ -26,21 +26,23 @@ class UShapedTransformer(Backbone):
     def __init__(self, image_size: int = 32, in_channels: int = 4, patch_size: int = 2, width: int = 512,
                  depth: int = 13, heads: int = 8, mlp_ratio: float = 4.0, num_classes: int = 0,
                  unit: UnitConfig | str = "nrdm", skip_scaling: str = "none", skip_kappa: float = 0.5,
-                 input_conditioning: str = "auto", num_timesteps: int = 1000):
+                 input_conditioning: str = "auto", num_timesteps: int = 1000, text_dim: int = 0,
+                 text_tokens: int = 0):
         super().__init__()
         check_patch(image_size, patch_size)
         check_heads(width, heads)
         if depth < 3:
             raise ValueError(f"a U-shaped transformer needs depth >= 3 (in-block, middle, out-block), got {depth}")
-        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit)
+        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit, text_dim)
         n_side = (depth - 1) // 2
         n_tokens = (image_size // patch_size) ** 2
-        self.n_extra = 1 + (num_classes > 0)                     # time token (+ class token)
+        # time token (+ class or pooled-text token) (+ text tokens)
+        self.n_extra = 1 + (num_classes > 0 or text_dim > 0) + (text_tokens if text_dim else 0)
 
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.n_extra + n_tokens, width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.embed = ConditionEmbedder(width, num_classes, num_timesteps)
+        self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim, text_tokens)
         wants = input_conditioning != "auto" and wants_input_conditioning(input_conditioning, self.unit)
         self.cond_in = nn.Linear(width, width) if wants else None
 
@@ -60,11 +62,12 @@ class UShapedTransformer(Backbone):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        cond, t_emb, y_emb = self.embed(t, labels)
+        cond, t_emb, y_emb, context = self.embed(t, labels)
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)            # (B, N, D)
         if self.cond_in is not None:
             patches = patches + self.cond_in(cond.vec)[:, None]
-        extra = [t_emb[:, None]] + ([y_emb[:, None]] if y_emb is not None else [])
+        extra = [t_emb[:, None]] + ([y_emb[:, None]] if y_emb is not None else []) + (
+            [context] if context is not None else [])
         z = torch.cat(extra + [patches], dim=1) + self.pos_embed            # (B, E+N, D)
 
         skips = []

@@ -46,7 +46,8 @@ class UNet(Backbone):
                  channel_mult: tuple[int, ...] = (1, 2, 2), depth: int = 2, heads: int = 4,
                  attention_resolution: int = 16, dropout: float = 0.0, num_classes: int = 0,
                  unit: UnitConfig | str = "nrdm", skip_scaling: str = "none", skip_kappa: float = 0.5,
-                 input_conditioning: str = "auto", num_timesteps: int = 1000, patch_size: int = 1):
+                 input_conditioning: str = "auto", num_timesteps: int = 1000, patch_size: int = 1,
+                 text_dim: int = 0):
         super().__init__()
         if patch_size != 1:
             raise ValueError(f"the conv U-Net works on pixels/latents directly; patch_size must be 1, got {patch_size}")
@@ -59,10 +60,10 @@ class UNet(Backbone):
         channels = [width * m for m in channel_mult]
         for ch in channels:
             check_heads(ch, heads)
-        self._set_io(image_size, in_channels, 1, num_classes, num_timesteps, unit)
+        self._set_io(image_size, in_channels, 1, num_classes, num_timesteps, unit, text_dim)
         cond_dim = 4 * width
 
-        self.embed = ConditionEmbedder(cond_dim, num_classes, num_timesteps)
+        self.embed = ConditionEmbedder(cond_dim, num_classes, num_timesteps, text_dim)
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.cond_in = (nn.Linear(cond_dim, channels[0])
                         if wants_input_conditioning(input_conditioning, self.unit) else None)
@@ -104,7 +105,7 @@ class UNet(Backbone):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        cond, _, _ = self.embed(t, labels)                                   # c: (B, 4*width)
+        cond, _, _, _ = self.embed(t, labels)                                # c: (B, 4*width)
         h = self.stem(x)                                                     # (B, C0, H, W)
         if self.cond_in is not None:
             h = h + self.cond_in(cond.vec)[:, :, None, None]

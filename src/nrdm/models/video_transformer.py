@@ -32,7 +32,8 @@ class VideoTransformer(Backbone):
 
     def __init__(self, image_size: int = 32, num_frames: int = 16, in_channels: int = 4, patch_size: int = 2,
                  width: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0,
-                 unit: UnitConfig | str = "nrdm", input_conditioning: str = "auto", num_timesteps: int = 1000):
+                 unit: UnitConfig | str = "nrdm", input_conditioning: str = "auto", num_timesteps: int = 1000,
+                 text_dim: int = 0):
         super().__init__()
         check_patch(image_size, patch_size)
         check_heads(width, heads)
@@ -40,7 +41,7 @@ class VideoTransformer(Backbone):
             raise ValueError(f"a video transformer needs depth >= 2 (one spatial and one temporal block), got {depth}")
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit)
+        self._set_io(image_size, in_channels, patch_size, num_classes, num_timesteps, unit, text_dim)
         self.num_frames = num_frames
         grid = image_size // patch_size
 
@@ -48,7 +49,7 @@ class VideoTransformer(Backbone):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, grid)[None, None], persistent=False)
         frame_index = torch.arange(num_frames, dtype=torch.float32)
         self.register_buffer("time_embed", sinusoidal_embedding(frame_index, width)[None, :, None], persistent=False)
-        self.embed = ConditionEmbedder(width, num_classes, num_timesteps)
+        self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim)
         self.cond_in = nn.Linear(width, width) if wants_input_conditioning(input_conditioning, self.unit) else None
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, width, self.unit) for _ in range(depth))
         self.final = FinalLayer(width, patch_size * patch_size * in_channels)
@@ -76,7 +77,7 @@ class VideoTransformer(Backbone):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         B, C, F, H, W = x.shape
-        cond, _, _ = self.embed(t, labels)                                      # c: (B, D)
+        cond, _, _, _ = self.embed(t, labels)                                   # c: (B, D)
         frames = x.transpose(1, 2).reshape(B * F, C, H, W)                      # (B*F, C, H, W)
         z = self.patch_embed(frames).flatten(2).transpose(1, 2)                 # (B*F, N, D)
         N, D = z.shape[1:]
