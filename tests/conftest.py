@@ -21,3 +21,30 @@ def tiny_config():
 @pytest.fixture
 def tiny_overrides():
     return list(TINY_OVERRIDES)
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "handwritten", "seven", "photo", "of", "an", "ankle",
+         "boot", "the", "digit"]
+
+
+def write_tokenizer(path):
+    """A WordPiece tokenizer over VOCAB, saved in `path`."""
+    transformers = pytest.importorskip("transformers")
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    tok.save_pretrained(path)
+    return tok
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    """A tiny randomly initialised BERT text encoder (hidden size 32) saved in a directory."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    path = tmp_path / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(path)
+    write_tokenizer(path)
+    return path

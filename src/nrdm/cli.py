@@ -47,7 +47,7 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from nrdm.sampling import generate, grid_labels, save_samples
+    from nrdm.sampling import generate, sample_conditions, save_samples
 
     cfg, model, schedule, ckpt = load_run(Path(args.run), use_ema=not args.no_ema)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -56,17 +56,21 @@ def _sample(args) -> int:
     sampler = args.sampler or s.sampler
     steps = args.steps or s.steps
     cfg_scale = s.cfg_scale if args.cfg is None else args.cfg
+    if args.prompt and not model.text_dim:
+        raise ValueError("--prompt needs a text-to-image model (model.text_encoder); this one is "
+                         + ("class-conditional: use --class" if model.num_classes else "unconditional"))
+    nrow = None
     if args.class_ is not None:
         if not model.num_classes:
-            raise ValueError("--class was given but the model is unconditional")
+            raise ValueError("--class was given but the model is not class-conditional"
+                             + (" (it takes text: use --prompt)" if model.text_dim else ""))
         if not 0 <= args.class_ < model.num_classes:
             raise ValueError(f"--class must lie in [0, {model.num_classes - 1}], got {args.class_}")
         labels = torch.full((args.n,), args.class_, dtype=torch.long)
     else:
-        labels = grid_labels(args.n, model.num_classes)
+        labels, _, nrow = sample_conditions(model, cfg, args.n, args.prompt or None)
     images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, s.eta, args.seed,
                       device=device, progress=True)
-    nrow = model.num_classes if (model.num_classes and args.class_ is None) else None
     paths = save_samples(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {', '.join(map(str, paths))} ({args.n} samples from {ckpt}, {sampler} {steps} steps, cfg {cfg_scale}, seed {args.seed})")
     return 0
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="class_", type=int, help="sample only this class")
+    p.add_argument("--prompt", action="append", default=[], help="text-to-image: a caption; repeat for several "
+                                                                  "(cycled over the samples, one per grid column)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--scale", type=int, help="enlarge the grid by this factor")

@@ -39,6 +39,8 @@ class ModelConfig:
     gate_shape: str = "channel"
     input_conditioning: str = "auto"
     conditional: bool = True                # class-conditional when the data has labels
+    text_encoder: str | None = None         # text-to-image: minilm | st:PATH | transformers path or hub name
+    text_tokens: int = 8                    # text tokens in context (token backbones); 0 = pooled text only
     grad_checkpointing: bool = False
 
 
@@ -55,7 +57,8 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"                    # digits | mnist | fashion | folder | moving-digits | video-folder
+    name: str = "digits"                    # digits | mnist | fashion | folder | captions (root = JSONL/CSV)
+                                            # | moving-digits | video-folder
     root: str | None = None                 # idx(.gz) directory or image folder
     split: str = "train"                    # train | test (idx datasets)
     image_size: int = 16
@@ -63,6 +66,7 @@ class DataConfig:
     skip_corrupt: bool = False              # folder: skip unreadable images with a warning
     num_classes: int | None = None          # folder: override the count of class subfolders
     num_workers: int = 0
+    captions: bool = False                  # digits/mnist/fashion: caption each image from class templates
     frames: int = 0                         # video: frames per clip (0 = image data)
     frame_stride: int = 1                   # video-folder: take every n-th frame
     num_clips: int = 4096                   # moving-digits: clips in the train split (a quarter in test)

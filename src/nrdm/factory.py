@@ -1,6 +1,7 @@
 """From a run configuration to the objects it describes (model, schedule, loss settings)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import yaml
@@ -10,6 +11,7 @@ from nrdm.config import Config
 from nrdm.data.datasets import data_shape
 from nrdm.diffusion import LossConfig, VPSchedule
 from nrdm.models import build_model
+from nrdm.models.registry import MODEL_SIZES
 
 _PASSTHROUGH = ("backbone", "width", "depth", "heads", "patch_size", "mlp_ratio", "channel_mult",
                 "attention_resolution", "dropout", "skip_scaling", "skip_kappa", "variant", "gate_init",
@@ -27,7 +29,22 @@ def model_kwargs(cfg: Config) -> dict:
                   num_timesteps=cfg.diffusion.num_timesteps)
     if cfg.data.frames:
         kwargs["num_frames"] = cfg.data.frames
+    if m.text_encoder:
+        kwargs["text_dim"] = text_encoder(cfg).encoder.pooled_dim
+        if kwargs.get("backbone", MODEL_SIZES.get(m.size or "", {}).get("backbone")) in ("flow", "u-transformer"):
+            kwargs["text_tokens"] = m.text_tokens
     return kwargs
+
+
+@functools.lru_cache(maxsize=4)
+def _text_encoder(spec: str, tokens: int):
+    from nrdm.models.text_encoders import CachedTextEncoder, build_text_encoder
+    return CachedTextEncoder(build_text_encoder(spec, max(tokens, 1)))
+
+
+def text_encoder(cfg: Config):
+    """The run's text encoder (a CachedTextEncoder; loaded once per process), or None."""
+    return _text_encoder(cfg.model.text_encoder, cfg.model.text_tokens) if cfg.model.text_encoder else None
 
 
 def build_model_from_config(cfg: Config) -> nn.Module:
@@ -70,8 +87,11 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
     from nrdm.data.datasets import check_video
-    from nrdm.models.registry import MODEL_SIZES
     check_video(cfg.data)
+    captioned = cfg.data.captions or cfg.data.name == "captions"
+    if captioned != bool(cfg.model.text_encoder):
+        raise ValueError("caption data (data.captions=true or data.name=captions) and model.text_encoder go "
+                         "together: set both (e.g. model.text_encoder=minilm) or neither")
     backbone = cfg.model.backbone or MODEL_SIZES.get(cfg.model.size or "", {}).get("backbone")
     if (cfg.data.frames > 0) != (backbone == "video"):
         raise ValueError(f"data.frames={cfg.data.frames} with model backbone {backbone!r}: video data needs "

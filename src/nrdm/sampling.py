@@ -5,11 +5,37 @@ import torch
 from torch import nn
 
 from nrdm.diffusion import VPSchedule, eps_predictor, sample
+from nrdm.models.conditions import take
 
 
 def grid_labels(n: int, num_classes: int) -> torch.Tensor | None:
     """0, 1, ..., K-1, 0, 1, ...: with K columns every column of the grid is one class."""
     return torch.arange(n) % num_classes if num_classes else None
+
+
+def class_prompts(dataset: str, labels: torch.Tensor) -> list[str]:
+    """The first template's caption of each class ("a handwritten seven", ...)."""
+    from nrdm.data.captions import class_caption
+    return [class_caption(dataset, int(k)) for k in labels]
+
+
+def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None = None):
+    """(condition, classes, nrow) for n samples: balanced class labels for class-conditional
+    models; for text models the given prompts (cycled), or by default prompts naming the classes
+    of captioned digits/mnist/fashion (classes = those labels, for accuracy). nrow puts one
+    class (or prompt) per column."""
+    if getattr(model, "text_dim", 0):
+        from nrdm.factory import text_encoder
+        classes = None
+        if prompts is None:
+            if not cfg.data.captions:
+                raise ValueError("this text model was trained on a caption file: pass prompts (--prompt)")
+            classes = grid_labels(n, 10)
+            prompts = class_prompts(cfg.data.name, classes)
+        ordered = [prompts[i % len(prompts)] for i in range(n)]
+        return text_encoder(cfg)(ordered), classes, min(len(prompts), n)
+    labels = grid_labels(n, model.num_classes)
+    return labels, labels, model.num_classes or None
 
 
 @torch.no_grad()
@@ -27,7 +53,7 @@ def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tenso
     out = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        y = labels[start:stop].to(device) if labels is not None else None
+        y = take(labels, start, stop).to(device) if labels is not None else None
         eps_fn = eps_predictor(model, schedule, y, cfg_scale)
         extra = {"eta": eta} if sampler == "ddim" else {}
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start)

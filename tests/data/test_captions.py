@@ -14,10 +14,12 @@ from nrdm.data.datasets import load_digits_dataset
 def test_embedded_captions_name_the_class():
     data = embed_captions(load_digits_dataset(8))
     assert len(set(data.captions)) > 10                          # varied templates
-    for caption, label in zip(data.captions[:50], data.labels[:50]):
-        from nrdm.data.captions import DIGIT_WORDS
+    from nrdm.data.captions import DIGIT_WORDS
+    for caption, label in zip(data.captions[:50], data.class_labels[:50]):
         assert DIGIT_WORDS[label] in caption or str(int(label)) in caption
-    assert data[0][1] == data.captions[0] and torch.equal(data.batch(torch.tensor([0]))[0], data.images[:1])
+    images, ids = data.batch(torch.tensor([0, 5]))
+    assert [data.caption_table[i] for i in ids] == [data.captions[0], data.captions[5]]
+    assert data.caption_table[data[0][1]] == data.captions[0] and torch.equal(images, data.images[[0, 5]])
     assert class_caption("fashion", 9) == "a photo of an ankle boot"
     assert class_caption("digits", 7) == "a handwritten seven"
     assert embed_captions(load_digits_dataset(8)).captions == data.captions      # deterministic
@@ -35,8 +37,8 @@ def test_jsonl_and_csv_caption_files(tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     data = CaptionFile(tmp_path / "c.jsonl", image_size=8)
     assert len(data) == 2 and data.captions == ["a black square", "a white one"]
-    image, caption = data[1]
-    assert image.shape == (3, 8, 8) and caption == "a white one" and image.min() > 0.99
+    image, caption_id = data[1]
+    assert image.shape == (3, 8, 8) and data.caption_table[caption_id] == "a white one" and image.min() > 0.99
     (tmp_path / "c.csv").write_text('image,caption\nimg/a.png,"a black square, centred"\n')
     assert CaptionFile(tmp_path / "c.csv", 8).captions == ["a black square, centred"]
 

@@ -2,31 +2,11 @@
 build (BERT-like and a CLIP text tower), the caching wrapper, and the offline MiniLM default."""
 import pytest
 import torch
+from conftest import VOCAB, write_tokenizer
 
 from nrdm.models.text_encoders import CachedTextEncoder, TextEmbeddings, build_text_encoder
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "handwritten", "seven", "photo", "of", "an", "ankle",
-         "boot", "the", "digit"]
-
-
-def _tokenizer(path):
-    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
-    tok.save_pretrained(path)
-    return tok
-
-
-@pytest.fixture
-def tiny_bert(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)
-    transformers.BertModel(config).save_pretrained(tmp_path)
-    _tokenizer(tmp_path)
-    return tmp_path
-
 
 def test_transformers_encoder_pooled_is_masked_token_mean(tiny_bert):
     encoder = build_text_encoder(str(tiny_bert), max_tokens=8)
@@ -49,7 +29,7 @@ def test_clip_text_tower_uses_its_pooler(tmp_path):
                                          eos_token_id=3, bos_token_id=2, pad_token_id=0)
     model = transformers.CLIPTextModel(config)
     model.save_pretrained(tmp_path)
-    tok = _tokenizer(tmp_path)
+    tok = write_tokenizer(tmp_path)
     encoder = build_text_encoder(str(tmp_path), max_tokens=16)
     emb = encoder(["the digit seven"])
     with torch.no_grad():

@@ -159,6 +159,8 @@ def test_cli_train_sample_info(tmp_path, tiny_overrides, capsys):
     assert cli_main(["train", "digits", "--out", str(tmp_path / "x"), "--set", "train.stpes=3"]) == 2
     assert "valid keys" in capsys.readouterr().err
     assert cli_main(["sample", str(tmp_path / "empty"), "--out", str(out_png)]) == 2
+    assert cli_main(["sample", str(run), "--prompt", "a seven", "--out", str(out_png)]) == 2
+    assert "--prompt needs a text-to-image model" in capsys.readouterr().err
 
 
 def test_divergence_monitor():

@@ -1,4 +1,5 @@
-"""Caption datasets for text-to-image: items are (image in [-1, 1], caption string).
+"""Caption datasets for text-to-image: items are (image in [-1, 1], caption id); `caption_table`
+lists the distinct captions, so each is encoded once and a batch's text is a table lookup.
 
 - caption files: JSONL lines {"image": PATH, "caption": TEXT} (JourneyDB / COCO style) or CSV
   with `image,caption` columns; image paths relative to the file. Checked when opened: a line
@@ -39,23 +40,29 @@ def class_caption(dataset: str, label: int, template: int = 0) -> str:
     raise ValueError(f"no embedded captions for {dataset!r}; allowed: digits, mnist, fashion")
 
 
+def _table(captions: list[str]) -> tuple[list[str], torch.Tensor]:
+    table = sorted(set(captions))
+    where = {c: i for i, c in enumerate(table)}
+    return table, torch.tensor([where[c] for c in captions], dtype=torch.long)
+
+
 class CaptionedImages(TensorImages):
-    """In-memory images with one caption each (`captions[i]`), plus class labels where known."""
+    """In-memory images with one caption each (`captions[i]`) and their class labels
+    (`class_labels`); items and batches carry caption ids into `caption_table`."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, captions: list[str], num_classes: int, name: str):
-        super().__init__(images, labels, num_classes, name)
         if len(captions) != len(images):
             raise ValueError(f"{len(captions)} captions for {len(images)} images")
         self.captions = list(captions)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.captions[index]
+        self.caption_table, caption_ids = _table(self.captions)
+        super().__init__(images, caption_ids, num_classes, name)
+        self.class_labels = labels.long()
 
 
 def embed_captions(images: TensorImages, seed: int = 0) -> CaptionedImages:
     """Caption every image of a labelled dataset by its class with a template drawn per image."""
     gen = torch.Generator().manual_seed(seed)
-    templates = torch.randint(0, 5, (len(images),), generator=gen).tolist()
+    templates = torch.randint(0, len(DIGIT_TEMPLATES), (len(images),), generator=gen).tolist()
     captions = [class_caption(images.name, int(y), k) for y, k in zip(images.labels, templates)]
     return CaptionedImages(images.images, images.labels, captions, images.num_classes, images.name + "-captions")
 
@@ -80,6 +87,7 @@ class CaptionFile(torch.utils.data.Dataset):
         self.image_size, self.channels, self.num_classes, self.num_frames = image_size, 3, 0, 0
         self.name = f"captions:{self.path}"
         self.items = self._parse()
+        self.caption_table, self.caption_ids = _table(self.captions)
 
     @property
     def captions(self) -> list[str]:
@@ -125,5 +133,4 @@ class CaptionFile(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        file, caption = self.items[index]
-        return load_image(file, self.image_size), caption
+        return load_image(self.items[index][0], self.image_size), int(self.caption_ids[index])

@@ -173,7 +173,7 @@ class ImageFolder(torch.utils.data.Dataset):
         raise ValueError(f"no readable image in {self.root}")
 
 
-DATASETS = ("digits", "mnist", "fashion", "folder", "moving-digits", "video-folder")
+DATASETS = ("digits", "mnist", "fashion", "folder", "captions", "moving-digits", "video-folder")
 VIDEO_DATASETS = ("moving-digits", "video-folder")
 
 
@@ -187,7 +187,19 @@ def check_video(cfg) -> None:
 
 
 def build_dataset(cfg) -> torch.utils.data.Dataset:
-    """cfg: nrdm.config.DataConfig."""
+    """cfg: nrdm.config.DataConfig. Caption data (data.captions, or name=captions) yields
+    caption ids into the dataset's `caption_table` instead of class labels."""
+    dataset = _build(cfg)
+    if getattr(cfg, "captions", False):
+        from nrdm.data.captions import embed_captions
+        if cfg.name not in ("digits", "mnist", "fashion"):
+            raise ValueError(f"data.captions=true captions digits, mnist or fashion by class; for "
+                             f"data.name={cfg.name} use data.name=captions with a JSONL/CSV caption file")
+        dataset = embed_captions(dataset)
+    return dataset
+
+
+def _build(cfg) -> torch.utils.data.Dataset:
     if cfg.vae:
         raise ValueError(f"data.vae={cfg.vae!r}: training on VAE latents is not available yet in this version; "
                          f"the preset constructs and validates (nrdm info) but cannot train here")
@@ -209,6 +221,11 @@ def build_dataset(cfg) -> torch.utils.data.Dataset:
         if root is None:
             raise ValueError("data.root must point at a directory of MNIST idx(.gz) files")
         return load_idx_dataset(root, cfg.split, cfg.image_size, cfg.name)
+    if cfg.name == "captions":
+        from nrdm.data.captions import CaptionFile
+        if not cfg.root:
+            raise ValueError("data.root must point at a JSONL or CSV caption file (image, caption)")
+        return CaptionFile(cfg.root, cfg.image_size)
     if cfg.name == "folder":
         if not cfg.root:
             raise ValueError("data.root must point at an image folder (root/<class>/<images>)")
@@ -227,6 +244,8 @@ def data_shape(cfg) -> tuple[int, int, int]:
     check_video(cfg)
     if cfg.name in ("digits", "mnist", "fashion", "moving-digits"):
         return 1, cfg.image_size, cfg.num_classes or 10
+    if cfg.name == "captions":
+        return 3, cfg.image_size, 0
     if cfg.name == "video-folder":
         from nrdm.data.video import scan_video_folder
         if cfg.num_classes is not None:

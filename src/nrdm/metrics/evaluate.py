@@ -19,7 +19,7 @@ import nrdm
 from nrdm.metrics.distances import (GaussianStats, frechet_distance, inception_score, kernel_inception_distance,
                                     precision_recall)
 from nrdm.metrics.features import DOMAIN_DATASETS, TorchScriptI3D, TorchScriptInception, cache_dir, domain_network
-from nrdm.sampling import generate, grid_labels
+from nrdm.sampling import generate, sample_conditions
 
 
 def extract(net, images: torch.Tensor, batch_size: int = 256, progress: bool = False) -> dict[str, np.ndarray]:
@@ -144,18 +144,19 @@ def evaluate(model, schedule, cfg, n: int = 1000, sampler: str | None = None, st
     net = net or feature_network(data_cfg, progress=progress)
     real = reference_features(data_cfg, split, net, ref_max_n, progress)
 
-    labels = grid_labels(n, model.num_classes)
-    images = generate(model, schedule, n, labels, sampler, steps, cfg_scale, s.eta, seed, device=device,
+    condition, labels, _ = sample_conditions(model, cfg, n)     # text models: prompts naming the classes
+    images = generate(model, schedule, n, condition, sampler, steps, cfg_scale, s.eta, seed, device=device,
                       progress=progress)
     fake = extract(net, images, progress=progress)
     metrics = compute_metrics(real, fake, labels.numpy() if labels is not None else None, net.kind)
-    guided = model.num_classes > 0 and cfg_scale != 1.0
+    guided = model.conditional and cfg_scale != 1.0
     protocol = {
         "dataset": data_cfg.name, "split": split, "image_size": data_cfg.image_size,
         "n_real": int(len(real["pool"])), "n_fake": n,
         "feature_network": net.name, "feature_network_sha256": net.content_hash,
         "sampler": sampler, "steps": steps, "nfe": steps * (2 if guided else 1), "cfg_scale": cfg_scale,
-        "seed": seed, "class_labels": "balanced 0..K-1" if labels is not None else "unconditional",
+        "seed": seed, "class_labels": ("unconditional" if labels is None else "balanced 0..K-1" if not model.text_dim
+                                       else "balanced 0..K-1 as prompts naming the class"),
         "kid_subset_size": min(1000, n, int(len(real["pool"]))), "precision_recall_k": 3,
         "nrdm_version": nrdm.__version__, "git_commit": git_commit(), "torch_version": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

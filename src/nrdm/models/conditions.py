@@ -35,3 +35,8 @@ def null_condition(model, batch: int, device=None):
 
 def is_conditional(model) -> bool:
     return bool(getattr(model, "conditional", getattr(model, "num_classes", 0) > 0))
+
+
+def take(cond, start: int, stop: int):
+    """Samples start..stop of a condition batch."""
+    return cond.index(slice(start, stop)) if isinstance(cond, TextEmbeddings) else cond[start:stop]

@@ -31,9 +31,9 @@ from nrdm.config import Config, from_dict
 from nrdm.data import BatchStream, build_dataset
 from nrdm.data.datasets import data_shape
 from nrdm.diffusion import NoiseDraws, diffusion_loss
-from nrdm.factory import build_loss_config, build_model_from_config, build_schedule, validate
+from nrdm.factory import build_loss_config, build_model_from_config, build_schedule, text_encoder, validate
 from nrdm.models import count_parameters, no_weight_decay_names
-from nrdm.sampling import generate, grid_labels, save_samples
+from nrdm.sampling import generate, sample_conditions, save_samples
 from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
@@ -150,6 +150,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                          f"fix data.num_classes")
     schedule = build_schedule(cfg)
     loss_cfg = build_loss_config(cfg)
+    encoder = text_encoder(cfg)
+    caption_embeddings = None                   # text models: every caption of the data, encoded once
+    if encoder is not None:
+        caption_embeddings = encoder(dataset.caption_table)
+        model.embed.text.set_null(encoder([""]))  # the empty caption: guidance and caption dropout
     ema = EMA(model, tc.ema_decay)
     if loaded is not None:
         model.load_state_dict(loaded["model"])
@@ -183,7 +188,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     if env.is_main and start_step == 0:
         log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
                    "config": cfg.to_dict()})
-    conditional = model.num_classes > 0
+    conditional = model.conditional
     generator = torch.Generator()
     sample_shape = (tc.batch_size, *model.sample_shape)
 
@@ -209,6 +214,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             sync = contextlib.nullcontext() if (last_micro or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
             with sync:
                 with _autocast(tc.precision, env.device):
+                    if caption_embeddings is not None:
+                        y = caption_embeddings.index(y.cpu()).to(env.device)          # caption ids -> text
                     res = diffusion_loss(wrapped, x, y if conditional else None, schedule, loss_cfg,
                                          generator=generator, draws=d, diagnostics=diagnostics_now and i == 0)
                 loss = res.loss / len(micro_batches)
@@ -311,10 +318,16 @@ def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device) -
     """A grid of cfg.sample.n samples from fixed seeds (GIF/MP4/PNG for video); class-conditional
     models get one class per column (labels 0..K-1 repeated)."""
     s = cfg.sample
-    labels = grid_labels(s.n, model.num_classes)
-    images = generate(model, schedule, s.n, labels, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device)
-    nrow = model.num_classes if model.num_classes else None
+    condition, _, nrow = sample_conditions(model, cfg, s.n, _sample_prompts(cfg))
+    images = generate(model, schedule, s.n, condition, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device)
     return save_samples(images, path, nrow=nrow)
+
+
+def _sample_prompts(cfg: Config) -> list[str] | None:
+    """Prompts for the training-time grids of a model trained on a caption file: its first captions."""
+    if cfg.model.text_encoder and not cfg.data.captions:
+        return build_dataset(cfg.data).caption_table[:10]
+    return None
 
 
 def _num(value) -> float | str:
