@@ -20,7 +20,7 @@ import torch
 import yaml
 
 
-from nrdm.factory import load_run
+from nrdm.factory import load_run, output_kwargs
 
 
 def _train(args) -> int:
@@ -70,7 +70,7 @@ def _sample(args) -> int:
     else:
         labels, _, nrow = sample_conditions(model, cfg, args.n, args.prompt or None)
     images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, s.eta, args.seed,
-                      device=device, progress=True)
+                      device=device, progress=True, **output_kwargs(cfg))
     paths = save_samples(images, args.out, nrow=nrow, scale=args.scale)
     print(f"wrote {', '.join(map(str, paths))} ({args.n} samples from {ckpt}, {sampler} {steps} steps, cfg {cfg_scale}, seed {args.seed})")
     return 0
@@ -99,6 +99,43 @@ def _eval(args) -> int:
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(path)
         print(f"wrote {path}")
+    return 0
+
+
+def _latents(args) -> int:
+    """Pre-extract the latents of a config's data (train and held-out split) into the cache."""
+    import dataclasses
+
+    from nrdm.config import load_config
+    from nrdm.data import build_dataset
+
+    cfg = load_config(args.config, args.set)
+    if not cfg.data.vae:
+        raise ValueError("nrdm latents needs data.vae (a diffusers AutoencoderKL or an `nrdm autoencoder` directory)")
+    for split in args.splits:
+        data = build_dataset(dataclasses.replace(cfg.data, split=split))
+        print(f"{split}: {len(data)} latents of shape {tuple(data.images.shape[1:])} from {cfg.data.vae}")
+    return 0
+
+
+def _autoencoder(args) -> int:
+    """Train the project's small autoencoder on a config's data (for offline latent diffusion)."""
+    import dataclasses
+
+    from nrdm.config import load_config
+    from nrdm.data import build_dataset
+    from nrdm.models.autoencoder import SmallAutoencoder
+
+    cfg = load_config(args.config, args.set)
+    data = build_dataset(dataclasses.replace(cfg.data, vae=None, captions=False, split="train"))
+    images = data.batch(torch.arange(len(data)))[0] if hasattr(data, "batch") else torch.stack(
+        [data[i][0] for i in range(len(data))])
+    ae = SmallAutoencoder(images.shape[1], args.latent_channels, args.width, args.levels)
+    stats = ae.fit(images, epochs=args.epochs, progress=not args.no_progress)
+    out = ae.save(args.out)
+    print(f"wrote {out}: reconstruction MSE {stats['mse']:.4f}, latents {args.latent_channels}x"
+          f"{images.shape[-1] // 2 ** args.levels}px; train with --set data.vae={out} "
+          f"--set data.latent_channels={args.latent_channels} --set data.vae_downsample={2 ** args.levels}")
     return 0
 
 
@@ -209,6 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("latents", help="pre-extract the latents of a config's data (data.vae) into the cache")
+    p.add_argument("config", help="preset or YAML with data.vae set")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--splits", nargs="+", default=["train", "test"])
+    p.set_defaults(func=_latents)
+
+    p = sub.add_parser("autoencoder", help="train a small autoencoder on a config's data (offline latent diffusion)")
+    p.add_argument("config", help="preset or YAML whose data to use")
+    p.add_argument("--out", required=True, help="directory for autoencoder.json / .safetensors")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--levels", type=int, default=2, help="stride-2 stages (downsampling 2^levels)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_autoencoder)
 
     p = sub.add_parser("lab", help="depth-scaling lab: a resumable {variant} x {depth} x {gamma} x {seed} grid")
     lab = p.add_subparsers(dest="lab", required=True)

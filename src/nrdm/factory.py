@@ -47,6 +47,31 @@ def text_encoder(cfg: Config):
     return _text_encoder(cfg.model.text_encoder, cfg.model.text_tokens) if cfg.model.text_encoder else None
 
 
+@functools.lru_cache(maxsize=2)
+def _codec(spec: str):
+    from nrdm.models.autoencoder import build_codec
+    return build_codec(spec)
+
+
+def latent_codec(data):
+    """The autoencoder of a DataConfig (loaded once per process) when data.vae is set, else None.
+    Its latent shape must match data.latent_channels / data.vae_downsample."""
+    if not data.vae:
+        return None
+    codec = _codec(data.vae)
+    if (codec.latent_channels, codec.downsample) != (data.latent_channels, data.vae_downsample):
+        raise ValueError(f"{data.vae} makes {codec.latent_channels}-channel latents at 1/{codec.downsample} "
+                         f"resolution; set data.latent_channels={codec.latent_channels} and "
+                         f"data.vae_downsample={codec.downsample}")
+    return codec
+
+
+def output_kwargs(cfg: Config) -> dict:
+    """Keyword arguments for sampling.generate: latent models sample unclipped latents and decode."""
+    codec = latent_codec(cfg.data)
+    return {} if codec is None else {"clip_x0": None, "decode": codec.decode}
+
+
 def build_model_from_config(cfg: Config) -> nn.Module:
     model = build_model(cfg.model.size, **model_kwargs(cfg))
     model.grad_checkpointing = cfg.model.grad_checkpointing

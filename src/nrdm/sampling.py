@@ -42,11 +42,12 @@ def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None =
 def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
              sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0,
              batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
-             clip_x0: float | None = 1.0) -> torch.Tensor:
-    """n samples (n, *model.sample_shape), i.e. (n, C, H, W) or (n, C, F, H, W), in [-1, 1]. The initial noise and the samplers' noise come from
-    CPU generators seeded by `seed`, so results do not depend on the device or batch size
-    (up to floating-point differences between devices). clip_x0 = 1 keeps the sampler's data
-    prediction in the pixel range [-1, 1]; pass None for data without known bounds (latents)."""
+             clip_x0: float | None = 1.0, decode=None) -> torch.Tensor:
+    """n samples (n, *model.sample_shape), i.e. (n, C, H, W) or (n, C, F, H, W), in [-1, 1]. The
+    initial noise and the samplers' noise come from CPU generators seeded by `seed`, so results do
+    not depend on the device or batch size (up to floating-point differences between devices).
+    clip_x0 = 1 keeps the sampler's data prediction in the pixel range [-1, 1]. Latent models pass
+    clip_x0=None and `decode` (latents -> pixels, per batch): see factory.output_kwargs."""
     was_training = model.training
     model.eval()
     x_T = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
@@ -59,7 +60,7 @@ def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tenso
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
         x = sample(eps_fn, x_T[start:stop].to(device), schedule, sampler, steps, generator=gen,
                    progress=progress, clip_x0=clip_x0, **extra)
-        out.append(x.clamp(-1, 1).cpu())
+        out.append((decode(x) if decode is not None else x).clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out)
 

@@ -48,7 +48,7 @@ def reference_features(data_cfg, split: str, net, max_n: int = 10_000, progress:
     if path.exists():
         with np.load(path) as cached:
             return {k: cached[k] for k in cached.files}
-    dataset = build_dataset(replace(data_cfg, split=split, hflip=False))
+    dataset = build_dataset(replace(data_cfg, split=split, hflip=False, vae=None, captions=False))   # pixels
     n = min(max_n, len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
     if hasattr(dataset, "batch"):
@@ -120,7 +120,7 @@ def real_floor(data_cfg, n: int, net=None, seed: int = 1, progress: bool = False
     split = default_split(data_cfg)
     real = reference_features(data_cfg, split, net, progress=progress)
     train = (load_digits_dataset(data_cfg.image_size, "train-only") if data_cfg.name == "digits"
-             else build_dataset(replace(data_cfg, split="train")))
+             else build_dataset(replace(data_cfg, split="train", vae=None, captions=False)))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     images, labels = train.batch(pick)
     return compute_metrics(real, extract(net, images), labels.numpy(), net.kind)
@@ -145,8 +145,9 @@ def evaluate(model, schedule, cfg, n: int = 1000, sampler: str | None = None, st
     real = reference_features(data_cfg, split, net, ref_max_n, progress)
 
     condition, labels, _ = sample_conditions(model, cfg, n)     # text models: prompts naming the classes
+    from nrdm.factory import output_kwargs
     images = generate(model, schedule, n, condition, sampler, steps, cfg_scale, s.eta, seed, device=device,
-                      progress=progress)
+                      progress=progress, **output_kwargs(cfg))
     fake = extract(net, images, progress=progress)
     metrics = compute_metrics(real, fake, labels.numpy() if labels is not None else None, net.kind)
     guided = model.conditional and cfg_scale != 1.0

@@ -162,8 +162,9 @@ def domain_network(data_cfg, epochs: int | None = None, progress: bool = True) -
             train_set = load_digits_dataset(data_cfg.image_size, "train-only")
             test_set = load_digits_dataset(data_cfg.image_size, "test")
         else:
-            train_set = build_dataset(type(data_cfg)(**{**data_cfg.__dict__, "split": "train"}))
-            test_set = build_dataset(type(data_cfg)(**{**data_cfg.__dict__, "split": "test"}))
+            pixels = {**data_cfg.__dict__, "vae": None, "captions": False}
+            train_set = build_dataset(type(data_cfg)(**{**pixels, "split": "train"}))
+            test_set = build_dataset(type(data_cfg)(**{**pixels, "split": "test"}))
         epochs = epochs or min(15, max(3, 30_000 // (len(train_set) * max(1, data_cfg.frames))))
         model = train_classifier(train_set.images, train_set.labels, train_set.num_classes, epochs=epochs,
                                  progress=progress)

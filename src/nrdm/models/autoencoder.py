@@ -24,6 +24,7 @@ class LatentCodec(nn.Module):
     """Base: subclasses set latent_channels, downsample, identity; implement _encode/_decode on
     unscaled latents. The scaling (z = scale * (latent - shift)) lives here."""
 
+    in_channels: int
     latent_channels: int
     downsample: int
     identity: str
@@ -50,7 +51,7 @@ class DiffusersVAE(LatentCodec):
         kwargs = {"subfolder": subfolder} if subfolder else {}
         self.vae = AutoencoderKL.from_pretrained(name_or_path, **kwargs).eval().requires_grad_(False)
         config = self.vae.config
-        self.latent_channels = config.latent_channels
+        self.in_channels, self.latent_channels = config.in_channels, config.latent_channels
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         self.scale = float(config.scaling_factor)
         self.shift = float(getattr(config, "shift_factor", None) or 0.0)
@@ -72,7 +73,7 @@ class SmallAutoencoder(LatentCodec):
     def __init__(self, in_channels: int = 1, latent_channels: int = 4, width: int = 32, levels: int = 2):
         super().__init__()
         self.config = dict(in_channels=in_channels, latent_channels=latent_channels, width=width, levels=levels)
-        self.latent_channels, self.downsample = latent_channels, 2 ** levels
+        self.in_channels, self.latent_channels, self.downsample = in_channels, latent_channels, 2 ** levels
         down, up, c = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()], [], width
         for _ in range(levels):
             down += [nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU()]
@@ -108,7 +109,7 @@ class SmallAutoencoder(LatentCodec):
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                    total += float(mse) * len(x)
+                    total += float(mse.detach()) * len(x)
                 bar.set_postfix(mse=f"{total / len(images):.4f}")
             self.eval()
             with torch.no_grad():

@@ -31,7 +31,7 @@ from nrdm.config import Config, from_dict
 from nrdm.data import BatchStream, build_dataset
 from nrdm.data.datasets import data_shape
 from nrdm.diffusion import NoiseDraws, diffusion_loss
-from nrdm.factory import build_loss_config, build_model_from_config, build_schedule, text_encoder, validate
+from nrdm.factory import build_loss_config, build_model_from_config, build_schedule, output_kwargs, text_encoder, validate
 from nrdm.models import count_parameters, no_weight_decay_names
 from nrdm.sampling import generate, sample_conditions, save_samples
 from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -319,7 +319,8 @@ def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device) -
     models get one class per column (labels 0..K-1 repeated)."""
     s = cfg.sample
     condition, _, nrow = sample_conditions(model, cfg, s.n, _sample_prompts(cfg))
-    images = generate(model, schedule, s.n, condition, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device)
+    images = generate(model, schedule, s.n, condition, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device,
+                      **output_kwargs(cfg))
     return save_samples(images, path, nrow=nrow)
 
 
