@@ -32,10 +32,16 @@ class Cell(Protocol):
 
 
 def load_results(path: str | Path) -> list[dict]:
+    """The recorded cells, first record per key (two processes can finish the same cell)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records.setdefault(record["key"], record)
+    return list(records.values())
 
 
 def run_grid(cells: list[Cell], results: str | Path, progress: bool = True, shard: tuple[int, int] = (0, 1),
