@@ -189,6 +189,7 @@ def check_video(cfg) -> None:
 def build_dataset(cfg) -> torch.utils.data.Dataset:
     """cfg: nrdm.config.DataConfig. Caption data (data.captions, or name=captions) yields
     caption ids into the dataset's `caption_table` instead of class labels."""
+    check_video(cfg)
     dataset = _build(cfg)
     if cfg.captions:
         from nrdm.data.captions import embed_captions
