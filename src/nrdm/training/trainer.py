@@ -153,8 +153,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
     loss_cfg = build_loss_config(cfg)
     encoder = text_encoder(cfg)
     caption_embeddings = None                   # text models: every caption of the data, encoded once
+    prompts = None                              # grids of a caption-file model: its first captions
     if encoder is not None:
         caption_embeddings = encoder(dataset.caption_table)
+        prompts = None if cfg.data.captions else dataset.caption_table[:10]
         model.embed.text.set_null(encoder([""]))  # the empty caption: guidance and caption dropout
     ema = EMA(model, tc.ema_decay)
     if loaded is not None:
@@ -301,7 +303,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
                                 cfg.to_yaml(), tc.keep_last)
             barrier(env)
         if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
-            write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device)
+            write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device, prompts)
         if env.is_main and tc.eval_every and done % tc.eval_every == 0:
             from nrdm.metrics.evaluate import evaluate
             result = evaluate(ema.model, schedule, cfg, n=tc.eval_n, device=env.device, progress=False)
@@ -315,21 +317,15 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool
             "checkpoint": str(latest_checkpoint(out))}
 
 
-def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device) -> list[Path]:
+def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device,
+                  prompts: list[str] | None = None) -> list[Path]:
     """A grid of cfg.sample.n samples from fixed seeds (GIF/MP4/PNG for video); class-conditional
     models get one class per column (labels 0..K-1 repeated)."""
     s = cfg.sample
-    condition, _, nrow = sample_conditions(model, cfg, s.n, _sample_prompts(cfg))
+    condition, _, nrow = sample_conditions(model, cfg, s.n, prompts)
     images = generate(model, schedule, s.n, condition, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device,
                       **output_kwargs(cfg))
     return save_samples(images, path, nrow=nrow)
-
-
-def _sample_prompts(cfg: Config) -> list[str] | None:
-    """Prompts for the training-time grids of a model trained on a caption file: its first captions."""
-    if cfg.model.text_encoder and not cfg.data.captions:
-        return build_dataset(cfg.data).caption_table[:10]
-    return None
 
 
 def _num(value) -> float | str:
