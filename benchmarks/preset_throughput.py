@@ -5,24 +5,18 @@ samples inside the timed window).
     python benchmarks/preset_throughput.py [--presets digits fashion] [--steps 60] [--rounds 2]
 """
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
+from _throughput import timing_overrides, trainer_steps_per_s
 from nrdm.config import load_config
-from nrdm.training import train
 
 
-def measure(preset: str, precision: str, steps: int, workdir: Path) -> float:
-    cfg = load_config(preset, [f"train.precision={precision}", f"train.steps={steps}",
-                               f"train.log_every={steps // 2}", f"train.ckpt_every={10 * steps}",
-                               "sample.n=1", "sample.steps=1", "train.warmup_steps=1"])
+def measure(preset: str, precision: str, steps: int, workdir: Path) -> tuple[float, int]:
+    cfg = load_config(preset, [f"train.precision={precision}", *timing_overrides(steps)])
     run = workdir / f"{preset}-{precision}-{len(list(workdir.iterdir()))}"
-    train(cfg, run, progress=False)
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "steps_per_s" in r]
-    return timed[-1]["steps_per_s"], cfg.train.batch_size          # second half: after warm-up
+    return trainer_steps_per_s(cfg, run), cfg.train.batch_size
 
 
 def main():

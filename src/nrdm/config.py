@@ -30,6 +30,7 @@ class ModelConfig:
     mlp_ratio: float | None = None
     channel_mult: list[int] | None = None   # unet
     attention_resolution: int | None = None  # unet
+    temporal_resolution: int | None = None  # unet on video: temporal attention at resolutions <= this (None: all)
     dropout: float | None = None            # unet
     skip_scaling: str | None = None         # u-transformer, unet: none | constant | learned
     skip_kappa: float | None = None

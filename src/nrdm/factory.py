@@ -11,10 +11,10 @@ from nrdm.config import Config
 from nrdm.data.datasets import data_shape
 from nrdm.diffusion import LossConfig, VPSchedule
 from nrdm.models import build_model
-from nrdm.models.registry import MODEL_SIZES
+from nrdm.models.registry import MODEL_SIZES, VIDEO_BACKBONES
 
 _PASSTHROUGH = ("backbone", "width", "depth", "heads", "patch_size", "mlp_ratio", "channel_mult",
-                "attention_resolution", "dropout", "skip_scaling", "skip_kappa", "variant", "gate_init",
+                "attention_resolution", "temporal_resolution", "dropout", "skip_scaling", "skip_kappa", "variant", "gate_init",
                 "gate_source", "gate_shape", "input_conditioning")
 
 
@@ -118,9 +118,11 @@ def validate(cfg: Config) -> None:
         raise ValueError("caption data (data.captions=true or data.name=captions) and model.text_encoder go "
                          "together: set both (e.g. model.text_encoder=minilm) or neither")
     backbone = cfg.model.backbone or MODEL_SIZES.get(cfg.model.size or "", {}).get("backbone")
-    if (cfg.data.frames > 0) != (backbone == "video"):
-        raise ValueError(f"data.frames={cfg.data.frames} with model backbone {backbone!r}: video data needs "
-                         f"model.backbone=video (e.g. model.size=Latte-S/2) and image data an image backbone")
+    if cfg.data.frames > 0 and backbone not in VIDEO_BACKBONES:
+        raise ValueError(f"data.frames={cfg.data.frames} (video) with model backbone {backbone!r}: video needs "
+                         f"model.backbone=video (Latte-like, e.g. model.size=Latte-S/2) or unet (space-time U-Net)")
+    if cfg.data.frames == 0 and backbone == "video":
+        raise ValueError("model.backbone=video needs video data (data.frames > 0, e.g. data.name=moving-digits)")
 
 
 def load_run(run_dir: str | Path, use_ema: bool = True):

@@ -6,12 +6,14 @@ import torch
 from nrdm.diffusion import VPSchedule
 from nrdm.models import VARIANTS, GatedResidual, build_model, count_flops, gated_units
 
-TINY = {"flow": "DiT-T/2", "u-transformer": "U-ViT-T/2", "unet": "UNet-T", "video": "Latte-T/2"}
+TINY = {"flow": "DiT-T/2", "u-transformer": "U-ViT-T/2", "unet": "UNet-T", "video": "Latte-T/2",
+        "video-unet": "UNet-T"}     # the space-time U-Net: the conv U-Net with num_frames > 0
 
 
 def tiny(backbone, variant="nrdm", **kw):
     torch.manual_seed(0)
-    kw = {"image_size": 8, "in_channels": 2, "num_classes": 3, **({"num_frames": 3} if backbone == "video" else {}), **kw}
+    video = {"num_frames": 3} if backbone.startswith("video") else {}
+    kw = {"image_size": 8, "in_channels": 2, "num_classes": 3, **video, **kw}
     return build_model(TINY[backbone], variant=variant, **kw)
 
 
@@ -195,8 +197,7 @@ def test_video_blocks_mix_only_within_a_frame_or_across_frames():
         B, F, N, D = 2, 4, model.pos_embed.shape[2], model.pos_embed.shape[3]
         z = torch.randn(B, F, N, D)
         cond = model.embed(torch.tensor([10, 900]), torch.tensor([0, 1]))[0]
-        from nrdm.models.video_transformer import _repeat
-        per_frame, per_position = _repeat(cond, F), _repeat(cond, N)
+        per_frame, per_position = cond.repeat_each(F), cond.repeat_each(N)
         bumped = z.clone()
         bumped[:, 1, 2] += torch.randn(D)               # not a constant: LayerNorm would remove that
         for index, kind in ((0, "spatial"), (1, "temporal")):
@@ -221,3 +222,48 @@ def test_video_blocks_mix_only_within_a_frame_or_across_frames():
     with torch.no_grad():
         change = (model(bumped, t, labels) - model(x, t, labels)).abs().amax(dim=(0, 1, 3, 4))   # (F,)
     assert (change > 1e-6).all()
+
+
+def test_space_time_unet_mixes_frames_only_in_its_temporal_units():
+    """The space-time U-Net: temporal attention changes, at one pixel, every frame of that clip and
+    nothing else; without its temporal units the net handles each frame alone; with them a change
+    in one frame reaches every frame of that clip (and never another clip)."""
+    from nrdm.models.layers import TemporalAttention
+
+    torch.manual_seed(0)
+    attn = TemporalAttention(8, 2, num_frames=4)
+    x = torch.randn(2 * 4, 8, 3, 3)                     # 2 clips x 4 frames
+    bumped = x.clone()
+    bumped[4 + 1, :, 2, 0] += 1.0                       # clip 1, frame 1, pixel (2, 0)
+    with torch.no_grad():
+        touched = (attn(bumped) - attn(x)).abs().amax(dim=1) > 1e-6        # (8, 3, 3)
+    expected = torch.zeros(8, 3, 3, dtype=torch.bool)
+    expected[4:, 2, 0] = True
+    assert torch.equal(touched, expected)
+
+    model = tiny("video-unet", "nrdm", num_frames=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)           # leave the identity init so every unit acts
+    x, t, labels = inputs(model)
+    bumped = x.clone()
+    bumped[1, :, 2] += torch.randn_like(bumped[1, :, 2])   # clip 1, frame 2
+
+    def changed_frames():
+        with torch.no_grad():
+            return (model(bumped, t, labels) - model(x, t, labels)).abs().amax(dim=(1, 3, 4)) > 1e-6  # (B, F)
+
+    assert torch.equal(changed_frames(), torch.tensor([[False] * 4, [True] * 4]))
+    stages = [m for m in model.modules() if hasattr(m, "temporal")]
+    assert stages and all(s.temporal is not None for s in stages)
+    for stage in stages:
+        stage.temporal = None
+    assert torch.equal(changed_frames(), torch.tensor([[False] * 4, [False, False, True, False]]))
+
+
+def test_space_time_unet_temporal_resolution_sets_where_frames_mix():
+    model = tiny("video-unet", temporal_resolution=4)     # 8px input: levels at 8 and 4 px
+    has_temporal = [stage.temporal is not None for stage in (*model.down[0], *model.down[1], model.middle)]
+    assert has_temporal == [False, True, True]
+    image_model = tiny("unet", temporal_resolution=4)     # images: no temporal units at all
+    assert not any(getattr(m, "temporal", None) is not None for m in image_model.modules())

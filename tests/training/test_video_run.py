@@ -13,11 +13,16 @@ TINY_VIDEO = ["model.width=16", "model.depth=2", "model.heads=2", "data.image_si
               "train.ckpt_every=2", "train.warmup_steps=1", "sample.n=4", "sample.steps=2"]
 
 
-def test_video_train_sample_eval(tmp_path, monkeypatch):
+LATTE = ["model.backbone=video", "model.patch_size=2", "model.mlp_ratio=4", "model.channel_mult=null",
+         "model.attention_resolution=null", "model.temporal_resolution=null"]
+
+
+@pytest.mark.parametrize("backbone", ["preset", "latte"])   # the preset's space-time U-Net; Latte-like
+def test_video_train_sample_eval(tmp_path, monkeypatch, backbone):
     pytest.importorskip("imageio_ffmpeg")
     monkeypatch.setenv("NRDM_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    sets = [a for o in TINY_VIDEO for a in ("--set", o)]
+    sets = [a for o in TINY_VIDEO + (LATTE if backbone == "latte" else []) for a in ("--set", o)]
     assert cli_main(["train", "moving-digits", "--out", str(run), "--no-progress", *sets]) == 0
     assert {p.name for p in (run / "samples").iterdir()} == {"step-00000002.gif", "step-00000002.mp4",
                                                                "step-00000002-frames.png"}
@@ -32,7 +37,9 @@ def test_video_train_sample_eval(tmp_path, monkeypatch):
 
 
 def test_video_data_needs_a_video_backbone():
-    with pytest.raises(ValueError, match="video data needs model.backbone=video"):
+    with pytest.raises(ValueError, match="video needs model.backbone=video"):
         validate(load_config("moving-digits", ["model.backbone=flow"]))
+    with pytest.raises(ValueError, match="model.backbone=video needs video data"):
+        validate(load_config("digits", ["model.backbone=video", "model.size=null"]))
     with pytest.raises(ValueError, match="needs a video dataset"):
         validate(load_config("digits", ["data.frames=4", "model.backbone=video", "model.size=null"]))

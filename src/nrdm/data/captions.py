@@ -29,14 +29,17 @@ FASHION_TEMPLATES = ("a photo of {article} {word}", "a grayscale picture of {art
                      "a product photo of {article} {word}", "a small image showing {article} {word}")
 
 
+def indefinite_article(word: str) -> str:
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
 def class_caption(dataset: str, label: int, template: int = 0) -> str:
     """The caption of class `label` of "digits" / "mnist" / "fashion" with template number `template`."""
     if dataset in ("digits", "mnist"):
         return DIGIT_TEMPLATES[template % len(DIGIT_TEMPLATES)].format(word=DIGIT_WORDS[label], digit=label)
     if dataset == "fashion":
         word = FASHION_WORDS[label]
-        article = "an" if word[0].lower() in "aeiou" else "a"
-        return FASHION_TEMPLATES[template % len(FASHION_TEMPLATES)].format(article=article, word=word)
+        return FASHION_TEMPLATES[template % len(FASHION_TEMPLATES)].format(article=indefinite_article(word), word=word)
     raise ValueError(f"no embedded captions for {dataset!r}; allowed: digits, mnist, fashion")
 
 

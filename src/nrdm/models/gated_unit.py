@@ -133,6 +133,11 @@ class Conditioning(NamedTuple):
     vec: torch.Tensor
     tau: torch.Tensor
 
+    def repeat_each(self, times: int) -> "Conditioning":
+        """Each sample's conditioning `times` times in a row: for video backbones that fold the
+        frames (or the spatial positions) of each clip into the batch axis."""
+        return Conditioning(self.vec.repeat_interleave(times, 0), self.tau.repeat_interleave(times, 0))
+
 
 class GateGenerator(nn.Module):
     """phi: conditioning -> raw gate values (B or 1, n_slots, width); all parameters that the raw

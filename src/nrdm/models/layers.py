@@ -90,6 +90,23 @@ class SpatialAttention(nn.Module):
         return self.attn(tokens).transpose(1, 2).reshape(B, C, H, W)
 
 
+class TemporalAttention(nn.Module):
+    """Self-attention across frames, separately at each pixel, of a (B*F, C, H, W) feature map
+    that holds the F frames of each clip in a row (space-time U-Net, as in Video Diffusion Models)."""
+
+    def __init__(self, channels: int, heads: int, num_frames: int):
+        super().__init__()
+        self.attn = Attention(channels, heads)
+        self.num_frames = num_frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        BF, C, H, W = x.shape
+        F_ = self.num_frames
+        seq = x.view(BF // F_, F_, C, H * W).permute(0, 3, 1, 2).reshape(-1, F_, C)   # (B*HW, F, C)
+        out = self.attn(seq).view(BF // F_, H * W, F_, C)                             # (B, HW, F, C)
+        return out.permute(0, 2, 3, 1).reshape(BF, C, H, W)                           # (B*F, C, H, W)
+
+
 class ConvBranch(nn.Module):
     """Residual conv branch of a U-Net block (the norm in front of it belongs to the unit):
     SiLU -> conv3x3 -> GroupNorm -> SiLU -> dropout -> conv3x3."""

@@ -27,6 +27,7 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "unet": UNet,                     # conv U-Net
     "video": VideoTransformer,        # Latte-like (spatial and temporal blocks alternate)
 }
+VIDEO_BACKBONES = ("video", "unet")   # backbones that take clips (B, C, F, H, W): num_frames > 0
 UNIT_KEYS = ("variant", "gate_init", "gate_source", "gate_shape")
 
 

@@ -16,11 +16,6 @@ from nrdm.models.gated_unit import Conditioning, UnitConfig
 from nrdm.models.layers import check_heads, check_patch, sincos_pos_embed_2d, sinusoidal_embedding, unpatchify
 
 
-def _repeat(cond: Conditioning, times: int) -> Conditioning:
-    """The conditioning of each video, repeated for each of its `times` frames or positions."""
-    return Conditioning(cond.vec.repeat_interleave(times, 0), cond.tau.repeat_interleave(times, 0))
-
-
 class VideoTransformer(Backbone):
     """Latte-shaped backbone (its "variant 1": interleaved spatial and temporal blocks).
 
@@ -65,7 +60,7 @@ class VideoTransformer(Backbone):
     def apply_block(self, index: int, z: torch.Tensor, per_frame: Conditioning, per_position: Conditioning):
         """Block `index` on tokens z (B, F, N, D): spatial blocks see one frame at a time,
         temporal blocks one spatial position at a time. per_frame / per_position: the
-        conditioning repeated F / N times (see _repeat)."""
+        conditioning repeated F / N times (Conditioning.repeat_each)."""
         B, F, N, D = z.shape
         block = self.blocks[index]
         if self.is_temporal(index):
@@ -84,7 +79,7 @@ class VideoTransformer(Backbone):
         z = z.view(B, F, N, D) + self.pos_embed + self.time_embed               # (B, F, N, D)
         if self.cond_in is not None:
             z = z + self.cond_in(cond.vec)[:, None, None]                       # (B, F, N, D)
-        per_frame, per_position = _repeat(cond, F), _repeat(cond, N)
+        per_frame, per_position = cond.repeat_each(F), cond.repeat_each(N)
         for i in range(len(self.blocks)):
             z = self.apply_block(i, z, per_frame, per_position)                 # (B, F, N, D)
         out = self.final(z.reshape(B, F * N, D), cond.vec)                      # (B, F*N, p*p*C)
