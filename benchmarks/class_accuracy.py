@@ -9,8 +9,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from nrdm.factory import load_run
 from nrdm.data import build_dataset
 from nrdm.data.datasets import load_digits_dataset

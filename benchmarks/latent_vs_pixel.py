@@ -17,6 +17,7 @@ models also train for M minutes each and are scored by FID (domain network) at -
 """
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -28,19 +29,18 @@ import torch
 from _throughput import timing_overrides, trainer_steps_per_s
 from nrdm.config import load_config
 from nrdm.data import build_dataset, data_shape
-from nrdm.factory import build_model_from_config, latent_codec, load_run, output_kwargs
+from nrdm.data.datasets import latent_dataset
+from nrdm.factory import build_model_from_config, load_run, output_kwargs
 from nrdm.metrics.evaluate import evaluate
-from nrdm.models.autoencoder import build_codec, extract_latents
+from nrdm.models.autoencoder import build_codec
 from nrdm.sampling import generate
 from nrdm.training import train
 
-BACKBONES = {
-    # (pixel overrides, latent overrides) on top of the Fashion preset at 32x32
-    "unet": (["model.attention_resolution=8"], ["model.attention_resolution=2"]),
-    "flow": (["model.size=null", "model.backbone=flow", "model.width=128", "model.depth=6", "model.heads=4",
-              "model.channel_mult=null", "model.attention_resolution=null", "model.patch_size=4"],
-             ["model.size=null", "model.backbone=flow", "model.width=128", "model.depth=6", "model.heads=4",
-              "model.channel_mult=null", "model.attention_resolution=null", "model.patch_size=1"]),
+FLOW = ["model.size=null", "model.backbone=flow", "model.width=128", "model.depth=6", "model.heads=4",
+        "model.channel_mult=null", "model.attention_resolution=null"]
+BACKBONES = {   # (pixel overrides, latent overrides) of the Fashion preset at 32x32 pixels / 8x8 latents
+    "unet": (["model.attention_resolution=8"], ["model.attention_resolution=2"]),   # lowest level only
+    "flow": ([*FLOW, "model.patch_size=4"], [*FLOW, "model.patch_size=1"]),         # 64 tokens each
 }
 
 
@@ -69,11 +69,19 @@ def sampling_seconds_per_image(run_dir: Path, n: int) -> float:
 
 
 def extraction_seconds(cfg) -> tuple[float, int]:
-    """One-time cost of encoding the training split (no cache): (seconds, images)."""
+    """One-time cost of encoding the training split and writing the latent cache (into an empty
+    cache directory): (seconds, images)."""
     pixels = build_dataset(replace(cfg.data, vae=None))
-    start = time.perf_counter()
-    extract_latents(latent_codec(cfg.data), pixels.images, cache=None, progress=False)
-    return time.perf_counter() - start, len(pixels)
+    saved = os.environ.get("NRDM_CACHE")
+    with tempfile.TemporaryDirectory() as empty_cache:
+        os.environ["NRDM_CACHE"] = empty_cache
+        try:
+            start = time.perf_counter()
+            latent_dataset(cfg.data, pixels)
+            seconds = time.perf_counter() - start
+        finally:
+            os.environ.pop("NRDM_CACHE") if saved is None else os.environ.update(NRDM_CACHE=saved)
+    return seconds, len(pixels)
 
 
 def main():

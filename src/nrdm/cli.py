@@ -179,7 +179,6 @@ def _info(args) -> int:
     from nrdm.config import load_config
     from nrdm.factory import build_model_from_config, validate
     from nrdm.models import count_flops, count_parameters
-    from nrdm.training.checkpoint import latest_checkpoint
 
     target = Path(args.target)
     info: dict = {}

@@ -31,7 +31,7 @@ def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None =
             if not cfg.data.captions:
                 raise ValueError("this text model was trained on a caption file: pass prompts (--prompt)")
             classes = grid_labels(n, 10)
-            prompts = class_prompts(cfg.data.name, classes)
+            prompts = class_prompts(cfg.data.name, torch.arange(10))
         ordered = [prompts[i % len(prompts)] for i in range(n)]
         return text_encoder(cfg)(ordered), classes, min(len(prompts), n)
     labels = grid_labels(n, model.num_classes)

@@ -62,3 +62,21 @@ def test_caption_file_run_needs_prompts(tiny_bert, tmp_path, capsys):
 def test_text_config_errors():
     with pytest.raises(ValueError, match="caption data .* and model.text_encoder go together"):
         validate(load_config("digits", ["model.text_encoder=minilm"]))
+
+
+def test_default_prompts_put_one_class_per_grid_column(tiny_bert):
+    """Without prompts, a model trained on embedded captions samples class-naming prompts in the
+    order of the class labels, one class per column of the grid."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nrdm.data.captions import class_caption
+    from nrdm.factory import text_encoder
+    from nrdm.sampling import sample_conditions
+
+    cfg = load_config("digits", [f"model.text_encoder={tiny_bert}", "data.captions=true"])
+    cond, classes, nrow = sample_conditions(SimpleNamespace(text_dim=1), cfg, 25)
+    assert nrow == 10 and classes.tolist() == [i % 10 for i in range(25)]
+    expected = text_encoder(cfg)([class_caption("digits", i % 10) for i in range(25)])
+    torch.testing.assert_close(cond.pooled, expected.pooled)
