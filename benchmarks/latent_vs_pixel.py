@@ -145,3 +145,7 @@ def main():
             print(row)
     print(json.dumps({f"{b}/{k}": {key: v for key, v in res.items() if key != "run"}
                       for (b, k), res in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
