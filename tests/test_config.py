@@ -63,3 +63,12 @@ def test_gpu_presets_have_published_shapes():
     assert (dit.in_channels, dit.image_size, dit.num_classes) == (4, 32, 1000)
     assert abs(count_parameters(dit) / 1e6 - 675) < 1          # DiT-XL/2: 675M
     assert abs(count_parameters(uvit) / 1e6 - 501) < 3         # U-ViT-H/2: 501M
+
+
+def test_readme_config_table_lists_every_key():
+    """The README's configuration table names every key of the schema, in its section's row."""
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
+    missing = [key for key in valid_keys() if f"`{key.split('.', 1)[1]}`" not in rows.get(key.split(".")[0], "")]
+    assert not missing, f"README.md's config table lacks {missing}"

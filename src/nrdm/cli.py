@@ -130,6 +130,8 @@ def _autoencoder(args) -> int:
     data = build_dataset(dataclasses.replace(cfg.data, vae=None, captions=False, split="train"))
     images = data.batch(torch.arange(len(data)))[0] if hasattr(data, "batch") else torch.stack(
         [data[i][0] for i in range(len(data))])
+    if images.dim() == 5:                                       # clips: an image autoencoder on their frames
+        images = images.transpose(1, 2).flatten(0, 1)           # (N*F, C, H, W)
     ae = SmallAutoencoder(images.shape[1], args.latent_channels, args.width, args.levels)
     stats = ae.fit(images, epochs=args.epochs, progress=not args.no_progress)
     out = ae.save(args.out)

@@ -22,7 +22,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 @dataclass
 class ModelConfig:
     size: str | None = None                 # registry name (DiT-S/2, U-ViT-H/2, UNet-S, ...); keys below override
-    backbone: str | None = None             # flow | u-transformer | unet (implied by size)
+    backbone: str | None = None             # flow | u-transformer | unet | video (implied by size)
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -58,7 +58,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"                    # digits | mnist | fashion | folder | captions (root = JSONL/CSV)
+    name: str = "digits"                    # digits | mnist | fashion | folder | captions (root = JSONL/CSV) | moving-digits | video-folder
                                             # | moving-digits | video-folder
     root: str | None = None                 # idx(.gz) directory or image folder
     split: str = "train"                    # train | test (idx datasets)

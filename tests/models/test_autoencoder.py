@@ -58,3 +58,21 @@ def test_small_autoencoder_trains_saves_and_loads(tmp_path):
     assert z.shape == (256, 2, 8, 8) and abs(float(z.std()) - 1) < 0.05 and abs(float(z.mean())) < 0.05
     torch.testing.assert_close(codec.decode(z), ae.decode(ae.encode(images)))
     assert codec.identity.startswith("small-autoencoder:") and codec.identity != "small-autoencoder:untrained"
+
+
+def test_clips_are_encoded_and_decoded_frame_by_frame(tmp_path):
+    """An image autoencoder on clips (B, C, F, H, W): frame f of the latent clip is the latent of
+    frame f alone, in any batch of frames; other ranks are refused with the expected shapes."""
+    torch.manual_seed(0)
+    codec = SmallAutoencoder(1, 2, 8, 1)
+    clips = torch.rand(3, 1, 5, 8, 8) * 2 - 1
+    latents = codec.encode(clips)
+    assert latents.shape == (3, 2, 5, 4, 4)
+    torch.testing.assert_close(latents[:, :, 2], codec.encode(clips[:, :, 2]))
+    decoded = codec.decode(latents)
+    assert decoded.shape == clips.shape
+    torch.testing.assert_close(decoded[1, :, 4], codec.decode(latents[1:2, :, 4])[0])
+    extracted = extract_latents(codec, clips, tmp_path / "c.pt", batch_size=10, progress=False)   # 2 clips a batch
+    torch.testing.assert_close(extracted, latents)
+    with pytest.raises(ValueError, match=r"expected images \(B, C, H, W\) or clips \(B, C, F, H, W\)"):
+        codec.encode(clips[0, 0])

@@ -216,7 +216,7 @@ def latent_dataset(cfg, pixels) -> TensorImages:
         items = [pixels[i] for i in range(len(pixels))]
         images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
     if images.shape[1] == 1 and codec.in_channels == 3:
-        images = images.expand(-1, 3, -1, -1)                       # grayscale data, RGB autoencoder
+        images = images.expand(-1, 3, *images.shape[2:])            # grayscale data, RGB autoencoder
     key = f"{cfg.name}-{cfg.split}-{cfg.image_size}px-{codec.identity}".replace("/", "_").replace(":", "_")
     latents = extract_latents(codec, images, cache_dir() / "latents" / f"{key}.pt")
     out = TensorImages(latents, labels, pixels.num_classes, f"{pixels.name}-latents")

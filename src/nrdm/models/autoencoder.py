@@ -4,6 +4,7 @@
     codec = build_codec("runs/ae-fashion")               # an autoencoder this project trained
     z = codec.encode(images)                              # (B, C, H, W) in [-1, 1] -> scaled latents
     images = codec.decode(z)
+    z = codec.encode(clips)                               # (B, C, F, H, W): frame by frame -> (B, c, F, h, w)
 
 Latents are scaled so they have roughly unit variance (SD-VAE: z = scaling_factor * mean), the
 scale the diffusion schedule expects. Encoding takes the posterior mean, so extracted latents are
@@ -33,11 +34,23 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return (self._encode(images) - self.shift) * self.scale               # (B, c, H/f, W/f)
+        return per_frame(lambda x: (self._encode(x) - self.shift) * self.scale, images)   # (B, c, [F,] H/f, W/f)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents / self.scale + self.shift).clamp(-1, 1)   # (B, C, H, W)
+        return per_frame(lambda z: self._decode(z / self.scale + self.shift).clamp(-1, 1), latents)  # (B, C, [F,] H, W)
+
+
+def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply an image function (B, C, H, W) -> (B, C', H', W') to images, or to clips
+    (B, C, F, H, W) one frame at a time (an image autoencoder on video, as in Latte)."""
+    if x.dim() == 4:
+        return fn(x)
+    if x.dim() != 5:
+        raise ValueError(f"expected images (B, C, H, W) or clips (B, C, F, H, W), got shape {tuple(x.shape)}")
+    B, C, F, H, W = x.shape
+    y = fn(x.transpose(1, 2).reshape(B * F, C, H, W))                      # (B*F, C', H', W')
+    return y.reshape(B, F, *y.shape[1:]).transpose(1, 2)                   # (B, C', F, H', W')
 
 
 class DiffusersVAE(LatentCodec):
@@ -153,15 +166,17 @@ def build_codec(spec: str, subfolder: str | None = None) -> LatentCodec:
 
 def extract_latents(codec: LatentCodec, images: torch.Tensor, cache: str | Path | None = None,
                     batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """Encode images (N, C, H, W) in batches with a progress bar. With `cache` (a .pt path), reuse
-    the file when it was written by the same codec for the same images, else (re)write it."""
+    """Encode images (N, C, H, W) or clips (N, C, F, H, W) in batches of `batch_size` frames with
+    a progress bar. With `cache` (a .pt path), reuse the file when it was written by the same codec
+    for the same images, else (re)write it."""
     fingerprint = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16] + f"-{tuple(images.shape)}"
     if cache is not None and Path(cache).is_file():
         saved = torch.load(cache, weights_only=True)
         if saved.get("codec") == codec.identity and saved.get("images") == fingerprint:
             return saved["latents"]
-    latents = torch.cat([codec.encode(images[i:i + batch_size])
-                         for i in tqdm(range(0, len(images), batch_size), desc="latents", disable=not progress)])
+    step = max(1, batch_size // images.shape[2]) if images.dim() == 5 else batch_size    # clips per batch
+    latents = torch.cat([codec.encode(images[i:i + step])
+                         for i in tqdm(range(0, len(images), step), desc="latents", disable=not progress)])
     if cache is not None:
         cache = Path(cache)
         cache.parent.mkdir(parents=True, exist_ok=True)
