@@ -58,7 +58,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"                    # digits | mnist | fashion | folder | captions (root = JSONL/CSV) | moving-digits | video-folder
+    name: str = "digits"                    # digits | mnist | fashion | folder | captions (root = JSONL/CSV)
                                             # | moving-digits | video-folder
     root: str | None = None                 # idx(.gz) directory or image folder
     split: str = "train"                    # train | test (idx datasets)
