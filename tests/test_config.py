@@ -1,4 +1,6 @@
 """Config schema: presets, YAML, overrides, and errors that name the valid keys."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,7 +69,6 @@ def test_gpu_presets_have_published_shapes():
 
 def test_readme_config_table_lists_every_key():
     """The README's configuration table names every key of the schema, in its section's row."""
-    from pathlib import Path
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
     missing = [key for key in valid_keys() if f"`{key.split('.', 1)[1]}`" not in rows.get(key.split(".")[0], "")]
