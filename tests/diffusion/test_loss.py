@@ -3,7 +3,8 @@ composition over units, and diagnostics."""
 import pytest
 import torch
 
-from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss
+from nrdm.diffusion import LossConfig, NoiseDraws, VPSchedule, diffusion_loss
+from nrdm.diffusion.loss import draw_probe
 from nrdm.models import build_model, gated_units
 from nrdm.models.tracing import UnitTracer
 
@@ -56,20 +57,29 @@ def test_penalty_is_sum_of_unit_sensitivities():
     schedule = VPSchedule()
     units = gated_units(model)
     config = LossConfig(gamma=0.5, penalty_units=len(units), label_drop=0.0)
-    out = diffusion_loss(model, x0, labels, schedule, config, generator=torch.Generator().manual_seed(5))
+    draws = NoiseDraws.sample(x0.shape, 1000, 0.0, torch.Generator().manual_seed(5))
+    out = diffusion_loss(model, x0, labels, schedule, config, generator=torch.Generator().manual_seed(5), draws=draws)
 
-    g = torch.Generator().manual_seed(5)
-    t = torch.randint(0, 1000, (4,), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    torch.rand(4, generator=g)                          # label-dropout draw
-    torch.randperm(len(units), generator=g)
     with UnitTracer(model, keep_inputs=True) as tracer:
-        model(schedule.add_noise(x0, t, eps), t, labels)
-    expected = sum(rec.unit.sensitivity(rec.z, rec.cond, torch.randn(rec.z.shape, generator=g)).mean()
-                   for rec in tracer.records)
+        model(schedule.add_noise(x0, draws.t, draws.noise), draws.t, labels)
+    expected = 0.0
+    for k, rec in enumerate(tracer.records):              # probes in call order, k-th unit offset by k
+        probe = draw_probe(rec.z, "gaussian", draws.probe_seeds + k * 1_000_003)
+        expected = expected + rec.unit.sensitivity(rec.z, rec.cond, probe).mean()
     torch.testing.assert_close(out.penalty, expected.detach())
     torch.testing.assert_close(out.loss, out.mse + 0.5 * out.penalty)
     assert out.penalty > 0
+
+
+def test_probes_do_not_depend_on_the_batch_split():
+    """A sample's probe comes from its own seed: the first half of a batch's probes equals the
+    probes drawn for that half alone (what each of 2 processes draws)."""
+    like = torch.zeros(6, 3, 4)
+    seeds = torch.tensor([11, 12, 13, 14, 15, 16])
+    whole = draw_probe(like, "gaussian", seeds)
+    torch.testing.assert_close(whole[3:], draw_probe(like[3:], "gaussian", seeds[3:]), rtol=0, atol=0)
+    assert not torch.equal(whole[0], whole[1])
+    assert draw_probe(like, "rademacher", seeds).abs().eq(1).all()
 
 
 def test_penalty_subset_is_scaled_to_the_sum():
@@ -88,15 +98,83 @@ def test_penalty_subset_is_scaled_to_the_sum():
     assert float(subset) == pytest.approx(float(full), rel=0.25)
 
 
-def test_penalty_gradient_reaches_gates_and_branches():
-    model, (x0, labels) = tiny_model(), batch()
+def penalty_only_gradients(model, x0, labels, penalty_units=None):
+    """Gradients of the penalty term alone: the gamma = 1 loss minus the gamma = 0 loss on the
+    same draws (the MSE terms cancel exactly: same forward, same draws)."""
     units = gated_units(model)
-    config = LossConfig(gamma=1.0, penalty_units=len(units))
-    out = diffusion_loss(model, x0, labels, VPSchedule(), config, generator=torch.Generator().manual_seed(1))
-    (out.loss - out.mse).backward()       # the penalty alone
+    draws = NoiseDraws.sample(x0.shape, 1000, 0.1, torch.Generator().manual_seed(1))
+    losses = [diffusion_loss(model, x0, labels, VPSchedule(), LossConfig(gamma=g, penalty_units=penalty_units or len(units)),
+                             generator=torch.Generator().manual_seed(2), draws=draws).loss for g in (1.0, 0.0)]
+    model.zero_grad(set_to_none=True)
+    (losses[0] - losses[1]).backward()
+    return units
+
+
+def grad_sum(params):
+    return sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+
+
+@pytest.mark.parametrize("backbone", ["flow", "u-transformer", "unet", "video", "unet-video"])
+def test_penalty_gradient_reaches_each_units_gates_and_branch_only(backbone):
+    """The penalty's own gradient reaches every penalised unit's gate generator and branch,
+    and nothing else: not the conditioning embedder (time MLP, class table), not the patch /
+    stem layers before the units (unit inputs z and c are constants of the penalty)."""
+    torch.manual_seed(0)
+    model = build_backbone(backbone)
+    with torch.no_grad():                    # leave the identity init so the penalty has gradients
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x0 = torch.randn(3, *model.sample_shape)
+    units = penalty_only_gradients(model, x0, torch.tensor([0, 1, 2]))
     for unit in units:
-        assert unit.gates.head.weight.grad.abs().sum() > 0
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unit.body.parameters())
+        assert grad_sum(unit.gates.parameters()) > 0
+        assert grad_sum(unit.body.parameters()) > 0
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    outside = [(n, p) for n, p in model.named_parameters() if id(p) not in in_units]
+    assert any(n.startswith("embed.") for n, _ in outside)
+    assert grad_sum(p for _, p in outside) == 0, [n for n, p in outside if p.grad is not None and p.grad.abs().sum() > 0]
+
+
+def build_backbone(backbone):
+    kwargs = dict(image_size=8, in_channels=1, num_classes=3, variant="nrdm")
+    if backbone == "unet":
+        return build_model("UNet-T", **kwargs)
+    if backbone == "video":
+        return build_model("Latte-T/2", num_frames=2, depth=2, **kwargs)
+    if backbone == "unet-video":
+        return build_model("UNet-T", num_frames=2, **kwargs)
+    size = {"flow": "DiT-T/2", "u-transformer": "U-ViT-T/2"}[backbone]
+    return build_model(size, depth=3 if backbone == "u-transformer" else 2, **kwargs)
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backbone", ["flow", "u-transformer", "unet", "video", "unet-video"])
+def test_penalty_under_autocast_matches_fp32(backbone, precision):
+    """Mixed-precision training: the loss with the penalty runs under autocast for every
+    backbone (forward-mode AD through conv under autocast used to fail), and the penalty, which
+    is evaluated in fp32, agrees with the fp32 one up to the half-precision forward."""
+    torch.manual_seed(0)
+    model = build_backbone(backbone)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x0, labels = torch.randn(2, *model.sample_shape), torch.tensor([0, 1])
+    config = LossConfig(gamma=1.0, penalty_units=len(gated_units(model)))
+    draws = NoiseDraws.sample(x0.shape, 1000, 0.0, torch.Generator().manual_seed(1))
+
+    def run(autocast):
+        with torch.autocast("cpu", dtype=precision, enabled=autocast):
+            out = diffusion_loss(model, x0, labels, VPSchedule(), config, generator=torch.Generator().manual_seed(2),
+                                 draws=draws)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (full, full_grads), (mixed, mixed_grads) = run(False), run(True)
+    assert mixed.penalty.dtype == torch.float32 and torch.isfinite(mixed.loss)
+    assert float(mixed.penalty) == pytest.approx(float(full.penalty), rel=0.05)
+    assert mixed_grads.keys() == full_grads.keys()
+    assert all(torch.isfinite(g).all() for g in mixed_grads.values())
 
 
 def test_diagnostics_cover_every_unit_after_backward():

@@ -45,18 +45,44 @@ class LossOutput:
     tracer: UnitTracer | None = None      # with diagnostics=True: call .diagnostics() after backward
 
 
-def draw_probe(like: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
-    """v with E[v v^T] = I."""
-    device = generator.device if generator is not None else like.device
-    v = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+def draw_probe(like: torch.Tensor, kind: str, seeds: torch.Tensor) -> torch.Tensor:
+    """v with E[v v^T] = I, shaped like `like`; each sample's rows drawn from its own seed, so a
+    sample's probe does not depend on how the batch is split over processes or micro-batches.
+    `like` may hold k rows per sample (video backbones fold frames or positions into the batch
+    axis, each sample's rows contiguous): sample b's seed then draws rows b*k .. b*k + k - 1."""
+    if like.shape[0] % len(seeds):
+        raise ValueError(f"a unit input with {like.shape[0]} rows does not split into {len(seeds)} samples")
+    rows = (like.shape[0] // len(seeds), *like.shape[1:])
+    v = torch.cat([torch.randn(rows, generator=torch.Generator(like.device).manual_seed(int(seed)),
+                               device=like.device, dtype=like.dtype) for seed in seeds.tolist()])
     return v.sign() if kind == "rademacher" else v
 
 
-def sensitivity_penalty(records, total_units: int, probe: str, generator=None) -> torch.Tensor:
-    """Unbiased estimate of sum_i ||alpha_i J_i - beta_i I||_F^2 / D from traced unit inputs."""
-    terms = [rec.unit.sensitivity(rec.z, rec.cond, draw_probe(rec.z, probe, generator)).mean()
-             for rec in records]
+def sensitivity_penalty(records, total_units: int, probe: str, probe_seeds: torch.Tensor) -> torch.Tensor:
+    """Unbiased estimate of sum_i ||alpha_i J_i - beta_i I||_F^2 / D from traced unit inputs;
+    the k-th penalised unit draws its probes from the per-sample seeds offset by k."""
+    terms = [rec.unit.sensitivity(rec.z, rec.cond, draw_probe(rec.z, probe, probe_seeds + k * 1_000_003)).mean()
+             for k, rec in enumerate(records)]
     return torch.stack(terms).sum() * (total_units / len(terms))
+
+
+def gather_sharded_parameters(model: nn.Module, units) -> None:
+    """Under FSDP2 (`fully_shard`) a sharded block reshards its parameters after its forward, but
+    the penalty evaluates the unit again after the model's forward. Unshard (all-gather) the
+    innermost sharded module holding each unit and leave it so: FSDP reshards it after its
+    backward. Every rank penalises the same units (shared generator), so the collectives match.
+    No-op without FSDP. Duck-typed (`unshard`) so this module needs no FSDP import."""
+    owners = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "unshard") and hasattr(module, "reshard"):
+            owners[name] = module
+    if not owners:
+        return
+    names = {id(m): name for name, m in model.named_modules()}
+    for unit in units:
+        name = names[id(unit)]
+        prefixes = [p for p in owners if p == "" or name == p or name.startswith(p + ".")]
+        owners[max(prefixes, key=len)].unshard()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -68,13 +94,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class NoiseDraws:
-    """The random inputs of one loss evaluation: diffusion steps, noise and label-dropout mask.
-    Drawn for a whole global batch and sliced per process/micro-batch, so that any split of the
-    batch sees the same randomness as one process would."""
+    """The random inputs of one loss evaluation: diffusion steps, noise, label-dropout mask and
+    the seeds of the penalty's probes. Drawn for a whole global batch and sliced per
+    process/micro-batch, so that any split of the batch sees the same randomness as one process
+    would."""
 
-    t: torch.Tensor          # (B,) integer steps
-    noise: torch.Tensor      # x0-shaped N(0, I)
-    drop: torch.Tensor       # (B,) bool: label replaced by the null class
+    t: torch.Tensor             # (B,) integer steps
+    noise: torch.Tensor         # x0-shaped N(0, I)
+    drop: torch.Tensor          # (B,) bool: label replaced by the null class
+    probe_seeds: torch.Tensor   # (B,) int64 on the CPU: per-sample seeds of the Hutchinson probes
 
     @classmethod
     def sample(cls, shape, num_timesteps: int, label_drop: float, generator: torch.Generator | None = None,
@@ -83,21 +111,24 @@ class NoiseDraws:
         t = torch.randint(0, num_timesteps, (shape[0],), generator=generator, device=gen_device)
         noise = torch.randn(shape, generator=generator, device=gen_device)
         drop = torch.rand(shape[0], generator=generator, device=gen_device) < label_drop
-        return cls(t.to(device), noise.to(device), drop.to(device))
+        probe_seeds = torch.randint(0, 2 ** 62, (shape[0],), generator=generator, device=gen_device).cpu()
+        return cls(t.to(device), noise.to(device), drop.to(device), probe_seeds)
 
     def slice(self, start: int, stop: int) -> "NoiseDraws":
-        return NoiseDraws(self.t[start:stop], self.noise[start:stop], self.drop[start:stop])
+        return NoiseDraws(self.t[start:stop], self.noise[start:stop], self.drop[start:stop],
+                          self.probe_seeds[start:stop])
 
     def to(self, device) -> "NoiseDraws":
-        return NoiseDraws(self.t.to(device), self.noise.to(device), self.drop.to(device))
+        return NoiseDraws(self.t.to(device), self.noise.to(device), self.drop.to(device), self.probe_seeds)
 
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSchedule,
                    config: LossConfig = LossConfig(), generator: torch.Generator | None = None,
                    diagnostics: bool = False, draws: NoiseDraws | None = None) -> LossOutput:
     """One Monte-Carlo estimate of the loss on a batch: t ~ U{0..T-1}, eps ~ N(0, I), labels (class
-    indices or TextEmbeddings) dropped to the model's null condition with probability label_drop. `draws` supplies those; by default
-    they come from `generator`, which also picks the penalized units and their probes.
+    indices or TextEmbeddings) dropped to the model's null condition with probability label_drop,
+    and the probes' seeds. `draws` supplies those; by default they come from `generator`, which
+    also picks the penalized units.
 
     diagnostics=True traces every unit (update ratios, gate statistics, and, once the loss has
     been backpropagated, adjoint norms): read them with `output.tracer.diagnostics()`.
@@ -126,6 +157,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
     mse = (out.float() - target.float()).pow(2).mean()
     if not penalized:
         return LossOutput(mse, mse.detach(), tracer=tracer)
-    penalty = sensitivity_penalty(tracer.kept, len(units), config.probe, generator)
+    gather_sharded_parameters(model, penalized)
+    penalty = sensitivity_penalty(tracer.kept, len(units), config.probe, draws.probe_seeds)
     return LossOutput(mse + config.gamma * penalty, mse.detach(), penalty.detach(),
                       tracer if diagnostics else None)

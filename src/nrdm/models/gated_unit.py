@@ -239,16 +239,27 @@ class GatedResidual(nn.Module):
         J = d branch / d z is the branch Jacobian (D x D per sample, D = z[0].numel()), alpha the
         gate on the branch (1 where the variant has none) and beta the output shift (0 where
         none). With E[v v^T] = I:  E_v ||alpha (J v) - beta v||^2 = ||alpha J - beta I||_F^2.
-        J v is one forward-mode Jacobian-vector product. Returns (B,); differentiable w.r.t.
-        the gates and the branch parameters (z is treated as a constant).
+        J v is one forward-mode Jacobian-vector product. Returns (B,) in float32.
+
+        What the penalty may change: this unit's gate generator and branch. The unit's inputs,
+        z and the conditioning vector c, are constants here, so the penalty never reshapes the
+        units before it nor the shared time/class embedder (which would otherwise shrink the
+        gates of every unit at once by moving c).
+
+        It runs with autocast off, in the parameters' own precision (fp32 in mixed-precision
+        training): forward-mode AD through conv layers under autocast mixes dtypes, and a sum of
+        squared small JVP entries is what half precision rounds worst.
         """
-        g = self.gate_values(cond, z.ndim)
-        with explicit_attention():
-            _, jv = torch.func.jvp(lambda zz: self.branch(zz, g), (z.detach().contiguous(),), (probe.contiguous(),))
-        residual = jv * g["gate"] if "gate" in g else jv
-        if "out_shift" in g:
-            residual = residual - g["out_shift"] * probe
-        return residual.pow(2).flatten(1).sum(1) / z[0].numel()
+        dtype = next(self.parameters()).dtype
+        cond = Conditioning(cond.vec.detach().to(dtype), cond.tau.detach())
+        z, probe = z.detach().to(dtype).contiguous(), probe.to(dtype).contiguous()
+        with torch.autocast(z.device.type, enabled=False), explicit_attention():
+            g = self.gate_values(cond, z.ndim)
+            _, jv = torch.func.jvp(lambda zz: self.branch(zz, g), (z,), (probe,))
+            residual = jv * g["gate"] if "gate" in g else jv
+            if "out_shift" in g:
+                residual = residual - g["out_shift"] * probe
+        return residual.float().pow(2).flatten(1).sum(1) / z[0].numel()
 
 
 def gated_units(model: nn.Module) -> list[GatedResidual]:
