@@ -3,7 +3,9 @@
 `eps_fn(x, t) -> eps` is any epsilon predictor (t: (B,) integer steps); samplers never see the
 network. Build one from a model with `nrdm.diffusion.guidance.eps_predictor` (classifier-free
 guidance included). Every sampler accepts any number of steps 1..T, visits the integer steps
-`sampling_timesteps(T, steps)` and ends at abar = 1 (clean data). Stochastic samplers draw their
+`sampling_timesteps(schedule.sampling_start + 1, steps)` (from T-1, or for eps-prediction from
+the last step whose abar is not too small to invert, see VPSchedule.sampling_start) and ends at
+abar = 1 (clean data). Stochastic samplers draw their
 noise from `generator`, so a seeded generator makes them deterministic.
 """
 from __future__ import annotations
@@ -23,15 +25,19 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """The integer steps at which the network is evaluated, from T-1 down: round(T (1 - i/steps)) - 1
     for i = 0..steps-1, i.e. evenly spaced with the last interval ending at clean data (steps = T
-    gives T-1, ..., 0; steps = 10 of T = 1000 gives 999, 899, ..., 99)."""
+    gives T-1, ..., 0; steps = 10 of T = 1000 gives 999, 899, ..., 99). Samplers pass
+    T = schedule.sampling_start + 1."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
     return [int(t) - 1 for t in np.round(np.linspace(num_timesteps, 0, steps + 1)[:-1])]
 
 
 def _path(schedule: VPSchedule, steps: int):
-    """(t, abar_t, abar_next) per step; abar_next = 1 on the last step."""
-    ts = sampling_timesteps(schedule.num_timesteps, steps)
+    """(t, abar_t, abar_next) per step; abar_next = 1 on the last step. More steps than there are
+    integer steps from the start down to 0 visit each of them once."""
+    if not 1 <= steps <= schedule.num_timesteps:
+        raise ValueError(f"steps must lie in [1, {schedule.num_timesteps}], got {steps}")
+    ts = sampling_timesteps(schedule.sampling_start + 1, min(steps, schedule.sampling_start + 1))
     abar = schedule.alphas_cumprod
     nexts = [float(abar[t]) for t in ts[1:]] + [1.0]
     return [(t, float(abar[t]), a_next) for t, a_next in zip(ts, nexts)]

@@ -11,6 +11,9 @@ import torch
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
+# Smallest abar an eps-prediction sampler starts from: the terminal abar of DDPM's linear
+# schedule (4.04e-5 at T = 1000), from which eps-models have always been sampled.
+MIN_EPS_START_ABAR = 4e-5
 
 
 def _betas(kind: str, num_timesteps: int) -> torch.Tensor:
@@ -35,6 +38,24 @@ class VPSchedule:
         self.kind, self.num_timesteps, self.prediction = kind, num_timesteps, prediction
         self.betas = _betas(kind, num_timesteps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)              # abar_n
+
+    @property
+    def sampling_start(self) -> int:
+        """The step samplers start from (x_T ~ N(0, I) stands for the marginal there).
+
+        eps-prediction turns the output into x0 = (x - sqrt(1 - abar) eps) / sqrt(abar): eps errors
+        are amplified by 1/sqrt(abar). The cosine schedule ends at abar[T-1] = 2.4e-9, 1000x below
+        abar[T-2] (its last beta is clipped at 0.999): a first step from there multiplies eps errors
+        by ~600 (50 steps) to ~3000 (10 steps), which the x0 clamp hides for pixels but not for
+        latents. eps-models therefore start at the last step with abar >= MIN_EPS_START_ABAR (the
+        linear schedule's own end, so linear is unchanged; cosine starts at 994): there x_T and
+        the true marginal differ by sqrt(abar) x0 <= 0.6% of the data. v-prediction (x0 =
+        sqrt(abar) x - sqrt(1 - abar) v) is well conditioned at any abar and starts at T-1.
+        """
+        if self.prediction == "v":
+            return self.num_timesteps - 1
+        return int((self.alphas_cumprod >= MIN_EPS_START_ABAR).nonzero().max()) if (
+            self.alphas_cumprod[0] >= MIN_EPS_START_ABAR) else self.num_timesteps - 1
 
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """abar at integer steps t (B,), shaped (B, 1, ..., 1) to broadcast against `like`."""
