@@ -267,3 +267,15 @@ def test_space_time_unet_temporal_resolution_sets_where_frames_mix():
     assert has_temporal == [False, True, True]
     image_model = tiny("unet", temporal_resolution=4)     # images: no temporal units at all
     assert not any(getattr(m, "temporal", None) is not None for m in image_model.modules())
+
+
+def test_u_transformer_starts_with_identity_output_conv_and_sincos_positions():
+    """The two initialisations that made the U-shaped transformer learn ~5x faster (loss after
+    300 digits steps 0.40 -> 0.054, docs/design.md): the final 3x3 conv starts as the identity,
+    the learned position embedding starts at the 2-D sin-cos table (extra tokens at 0)."""
+    from nrdm.models.layers import sincos_pos_embed_2d
+    model = build_model("U-ViT-T/2", image_size=8, in_channels=2, num_classes=3)
+    x = torch.randn(2, 2, 8, 8)
+    torch.testing.assert_close(model.out_conv(x), x)
+    torch.testing.assert_close(model.pos_embed[0, model.n_extra:], sincos_pos_embed_2d(64, 4))
+    assert model.pos_embed[0, :model.n_extra].abs().max() == 0

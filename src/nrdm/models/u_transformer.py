@@ -9,7 +9,7 @@ from torch import nn
 from nrdm.models.blocks import (Backbone, ConditionEmbedder, LongSkipScaler, TransformerBlock,
                                 wants_input_conditioning)
 from nrdm.models.gated_unit import UnitConfig
-from nrdm.models.layers import check_heads, check_patch, unpatchify
+from nrdm.models.layers import check_heads, check_patch, sincos_pos_embed_2d, unpatchify
 
 
 class UShapedTransformer(Backbone):
@@ -40,8 +40,13 @@ class UShapedTransformer(Backbone):
         self.n_extra = 1 + (num_classes > 0 or text_dim > 0) + (text_tokens if text_dim else 0)
 
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        # Learned position embedding as in U-ViT, but started from the 2-D sin-cos table (extra
+        # tokens at 0) instead of N(0, 0.02): at 0.02 the positions are drowned by the patch
+        # features after each unit's LayerNorm, and attention must first learn where tokens are
+        # (docs/design.md: the loss after 300 steps halves).
         self.pos_embed = nn.Parameter(torch.zeros(1, self.n_extra + n_tokens, width))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        with torch.no_grad():
+            self.pos_embed[0, self.n_extra:] = sincos_pos_embed_2d(width, image_size // patch_size)
         self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim, text_tokens)
         wants = input_conditioning != "auto" and wants_input_conditioning(input_conditioning, self.unit)
         self.cond_in = nn.Linear(width, width) if wants else None
@@ -58,7 +63,13 @@ class UShapedTransformer(Backbone):
         self.head = nn.Linear(width, patch_size * patch_size * in_channels)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # U-ViT's final 3x3 conv, started as the identity: a randomly initialised conv after the
+        # zero-initialised head is a random blur whose frequency response the head must learn to
+        # invert (near-zero frequencies are unlearnable until the conv moves), which made this
+        # backbone ~5x slower to leave the noise regime (docs/design.md).
         self.out_conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        nn.init.dirac_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
