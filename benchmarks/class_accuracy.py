@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from nrdm.factory import load_run
-from nrdm.data import build_dataset
+from nrdm.factory import build_dataset
 from nrdm.data.datasets import load_digits_dataset
 from nrdm.metrics.classifier import accuracy, predict, train_classifier
 from nrdm.sampling import generate, grid_labels

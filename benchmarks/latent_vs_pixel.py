@@ -29,7 +29,7 @@ import torch
 from _throughput import timing_overrides, trainer_steps_per_s
 from nrdm.config import load_config
 from nrdm.data import build_dataset, data_shape
-from nrdm.data.datasets import latent_dataset
+from nrdm.factory import latent_dataset
 from nrdm.factory import build_model_from_config, load_run, output_kwargs
 from nrdm.metrics.evaluate import evaluate
 from nrdm.models.autoencoder import build_codec

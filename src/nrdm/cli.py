@@ -107,7 +107,7 @@ def _latents(args) -> int:
     import dataclasses
 
     from nrdm.config import load_config
-    from nrdm.data import build_dataset
+    from nrdm.factory import build_dataset
 
     cfg = load_config(args.config, args.set)
     if not cfg.data.vae:

@@ -1,17 +1,21 @@
 """From a run configuration to the objects it describes (model, schedule, loss settings)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
+import torch
 import yaml
 from torch import nn
 
 from nrdm.config import Config
-from nrdm.data.datasets import data_shape
+from nrdm.data.datasets import TensorImages, data_shape
+from nrdm.data.datasets import build_dataset as build_pixel_dataset
 from nrdm.diffusion import LossConfig, VPSchedule
 from nrdm.models import build_model
 from nrdm.models.registry import MODEL_SIZES, VIDEO_BACKBONES
+from nrdm.utils.cache import cache_dir
 
 _PASSTHROUGH = ("backbone", "width", "depth", "heads", "patch_size", "mlp_ratio", "channel_mult",
                 "attention_resolution", "temporal_resolution", "dropout", "skip_scaling", "skip_kappa", "variant", "gate_init",
@@ -64,6 +68,35 @@ def latent_codec(data):
                          f"resolution; set data.latent_channels={codec.latent_channels} and "
                          f"data.vae_downsample={codec.downsample}")
     return codec
+
+
+def build_dataset(data) -> torch.utils.data.Dataset:
+    """The training data of a DataConfig: pixels (nrdm.data.build_dataset), encoded by data.vae
+    when it is set."""
+    pixels = build_pixel_dataset(dataclasses.replace(data, vae=None))
+    return latent_dataset(data, pixels) if data.vae else pixels
+
+
+def latent_dataset(cfg, pixels) -> TensorImages:
+    """The dataset's images encoded by data.vae (cached under $NRDM_CACHE/latents, keyed by the
+    autoencoder, dataset, split and size): training then never touches the autoencoder."""
+    from nrdm.models.autoencoder import extract_latents
+
+    codec = latent_codec(cfg)
+    if hasattr(pixels, "batch"):
+        images, labels = pixels.batch(torch.arange(len(pixels)))
+    else:
+        items = [pixels[i] for i in range(len(pixels))]
+        images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    if images.shape[1] == 1 and codec.in_channels == 3:
+        images = images.expand(-1, 3, *images.shape[2:])            # grayscale data, RGB autoencoder
+    key = f"{cfg.name}-{cfg.split}-{cfg.image_size}px-{codec.identity}".replace("/", "_").replace(":", "_")
+    latents = extract_latents(codec, images, cache_dir() / "latents" / f"{key}.pt")
+    out = TensorImages(latents, labels, pixels.num_classes, f"{pixels.name}-latents")
+    for name in ("caption_table", "class_labels"):
+        if hasattr(pixels, name):
+            setattr(out, name, getattr(pixels, name))
+    return out
 
 
 def output_kwargs(cfg: Config) -> dict:

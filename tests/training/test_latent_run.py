@@ -7,7 +7,7 @@ from PIL import Image
 
 from nrdm.cli import main as cli_main
 from nrdm.config import load_config
-from nrdm.data import build_dataset
+from nrdm.factory import build_dataset
 
 
 def test_autoencoder_latents_train_sample_eval(tmp_path, monkeypatch, tiny_overrides, capsys):

@@ -188,7 +188,10 @@ def check_video(cfg) -> None:
 
 def build_dataset(cfg) -> torch.utils.data.Dataset:
     """cfg: nrdm.config.DataConfig. Caption data (data.captions, or name=captions) yields
-    caption ids into the dataset's `caption_table` instead of class labels."""
+    caption ids into the dataset's `caption_table` instead of class labels. Pixels only: the
+    latents of data.vae come from `nrdm.factory.build_dataset`, which wraps this."""
+    if cfg.vae:
+        raise ValueError("nrdm.data.build_dataset gives pixels; for data.vae latents use nrdm.factory.build_dataset")
     check_video(cfg)
     dataset = _build(cfg)
     if cfg.captions:
@@ -197,33 +200,7 @@ def build_dataset(cfg) -> torch.utils.data.Dataset:
             raise ValueError(f"data.captions=true captions digits, mnist or fashion by class; for "
                              f"data.name={cfg.name} use data.name=captions with a JSONL/CSV caption file")
         dataset = embed_captions(dataset)
-    if cfg.vae:
-        dataset = latent_dataset(cfg, dataset)
     return dataset
-
-
-def latent_dataset(cfg, pixels) -> TensorImages:
-    """The dataset's images encoded by data.vae (cached under $NRDM_CACHE/latents, keyed by the
-    autoencoder, dataset, split and size): training then never touches the autoencoder."""
-    from nrdm.factory import latent_codec
-    from nrdm.metrics.features import cache_dir
-    from nrdm.models.autoencoder import extract_latents
-
-    codec = latent_codec(cfg)
-    if hasattr(pixels, "batch"):
-        images, labels = pixels.batch(torch.arange(len(pixels)))
-    else:
-        items = [pixels[i] for i in range(len(pixels))]
-        images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-    if images.shape[1] == 1 and codec.in_channels == 3:
-        images = images.expand(-1, 3, *images.shape[2:])            # grayscale data, RGB autoencoder
-    key = f"{cfg.name}-{cfg.split}-{cfg.image_size}px-{codec.identity}".replace("/", "_").replace(":", "_")
-    latents = extract_latents(codec, images, cache_dir() / "latents" / f"{key}.pt")
-    out = TensorImages(latents, labels, pixels.num_classes, f"{pixels.name}-latents")
-    for name in ("caption_table", "class_labels"):
-        if hasattr(pixels, name):
-            setattr(out, name, getattr(pixels, name))
-    return out
 
 
 def _build(cfg) -> torch.utils.data.Dataset:

@@ -140,7 +140,7 @@ def _floor_cached(data_yaml: str, n: int) -> float:
 
 
 def _gates(cfg, out: Path) -> dict:
-    from nrdm.data import build_dataset
+    from nrdm.factory import build_dataset
     from nrdm.factory import load_run
     from nrdm.models.tracing import gate_profile
 

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 import nrdm
 from nrdm.metrics.distances import (GaussianStats, frechet_distance, inception_score, kernel_inception_distance,
                                     precision_recall)
-from nrdm.metrics.features import DOMAIN_DATASETS, TorchScriptI3D, TorchScriptInception, cache_dir, domain_network
+from nrdm.metrics.features import DOMAIN_DATASETS, TorchScriptI3D, TorchScriptInception, domain_network
+from nrdm.utils.cache import cache_dir
 from nrdm.sampling import generate, sample_conditions
 
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nrdm.metrics.classifier import SmallCNN, accuracy, train_classifier
+from nrdm.utils.cache import cache_dir
 
 INCEPTION_ENV = "NRDM_INCEPTION"
 I3D_ENV = "NRDM_I3D"
@@ -34,11 +35,6 @@ INCEPTION_SOURCE = ("inception-2015-12-05.pt, the TorchScript Inception-v3 publi
                     "inception-2015-12-05.pt; also used by EDM and clean-fid)")
 I3D_SOURCE = ("i3d_torchscript.pt, the TorchScript I3D published with StyleGAN-V's FVD code "
               "(www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt)")
-
-
-def cache_dir() -> Path:
-    """Where domain networks and reference statistics are cached: $NRDM_CACHE or ~/.cache/nrdm."""
-    return Path(os.environ.get("NRDM_CACHE", Path.home() / ".cache" / "nrdm"))
 
 
 def file_hash(path: str | Path) -> str:

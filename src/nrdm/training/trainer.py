@@ -28,11 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nrdm.config import Config, from_dict
-from nrdm.data import BatchStream, build_dataset
+from nrdm.data import BatchStream
 from nrdm.data.datasets import data_shape
 from nrdm.diffusion import NoiseDraws, diffusion_loss
-from nrdm.factory import (build_loss_config, build_model_from_config, build_schedule, output_kwargs, text_encoder,
-                          validate)
+from nrdm.factory import (build_dataset, build_loss_config, build_model_from_config, build_schedule, output_kwargs,
+                          text_encoder, validate)
 from nrdm.models import count_parameters, no_weight_decay_names
 from nrdm.sampling import generate, sample_conditions, save_samples
 from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
