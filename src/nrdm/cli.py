@@ -1,8 +1,10 @@
-"""Command line: `nrdm train | sample | eval | lab | info`.
+"""Command line: `nrdm train | sample | eval | latents | autoencoder | lab | info`.
 
     nrdm train digits --out runs/digits [--set train.steps=500]... [--resume]
     nrdm sample runs/digits --n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
     nrdm eval runs/digits --n 1000 --json metrics.json [--sampler --steps --cfg --seed --ref fashion:test]
+    nrdm latents PRESET [--set data.vae=...]   (pre-extract the latents of data.vae into the cache)
+    nrdm autoencoder fashion --out runs/ae     (train the small autoencoder for offline latent diffusion)
     nrdm lab toy --out runs/lab-toy  /  nrdm lab image --out runs/lab-image   (depth-scaling grids)
     nrdm info runs/digits            (or a preset / YAML: validate it and count parameters and FLOPs)
 
@@ -21,6 +23,28 @@ import yaml
 
 
 from nrdm.factory import load_run, output_kwargs
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that states each flag's default when it has a value and the text does not already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sample counts, steps, scales)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _train(args) -> int:
@@ -216,36 +240,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="sample an image grid from a run's latest checkpoint")
+    samplers = ["ddpm", "ddim", "dpm++2m"]
+    p = sub.add_parser("sample", help="sample an image grid (or clips) from a run's latest checkpoint",
+                       formatter_class=_DefaultsHelp)
     p.add_argument("run", help="run directory")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class", dest="class_", type=int, help="sample only this class")
+    p.add_argument("--n", type=positive_int, default=64, help="number of samples")
+    p.add_argument("--out", required=True, help="output file: a PNG grid for images; for video models its stem "
+                                                "names <stem>.gif, <stem>.mp4 and <stem>-frames.png")
+    p.add_argument("--sampler", choices=samplers, help="sampler (default: the run's sample.sampler)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = none (default: the run's "
+                                             "sample.cfg_scale)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic samplers")
+    p.add_argument("--class", dest="class_", type=int, help="class-conditional models: sample only this class "
+                                                            "(default: classes 0..K-1, one per grid column)")
     p.add_argument("--prompt", action="append", default=[], help="text-to-image: a caption; repeat for several "
                                                                   "(cycled over the samples, one per grid column)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--scale", type=int, help="enlarge the grid by this factor")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
+    p.add_argument("--scale", type=positive_int, help="enlarge the grid by this integer factor (default: none)")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("eval", help="FID/KID/IS/precision/recall/class accuracy of a run, protocol in JSON")
+    p = sub.add_parser("eval", help="FID/KID/IS/precision/recall/class accuracy of a run, protocol in JSON",
+                       formatter_class=_DefaultsHelp)
     p.add_argument("run", help="run directory")
-    p.add_argument("--n", type=int, default=1000, help="number of generated samples")
-    p.add_argument("--json", help="write metrics and protocol to this JSON file")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=1000, help="number of generated samples")
+    p.add_argument("--json", help="also write metrics and protocol to this JSON file")
+    p.add_argument("--sampler", choices=samplers, help="sampler (default: the run's sample.sampler)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = none (default: the run's "
+                                             "sample.cfg_scale)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
     p.add_argument("--ref", help="reference data NAME[:SPLIT] (default: the run's dataset, held-out split)")
     p.add_argument("--feature-net", help="domain (default for digits/mnist/fashion/moving-digits), inception / i3d "
                                          "(file from $NRDM_INCEPTION / $NRDM_I3D) or a path to such a TorchScript file")
-    p.add_argument("--domain-epochs", type=int, help="training epochs of a new domain network (default: auto)")
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--domain-epochs", type=positive_int, help="training epochs of a new domain network (default: auto)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("latents", help="pre-extract the latents of a config's data (data.vae) into the cache")

@@ -3,8 +3,8 @@
     cfg = load_config("digits", overrides=["train.steps=200", "model.variant=resnet"])
     cfg = load_config("my_run.yaml")
 
-Every key is checked: an unknown key or a value of the wrong type is a ValueError that lists the
-valid keys / names the expected type. Presets live in `nrdm/configs/*.yaml` (also reachable as
+Every key is checked: an unknown key or a value of the wrong type is a ValueError that suggests
+the nearest valid keys / names the expected type. Presets live in `nrdm/configs/*.yaml` (also reachable as
 `configs/` at the repository root).
 """
 from __future__ import annotations
@@ -168,6 +168,15 @@ def _coerce(value, hint, key: str):
     return value
 
 
+def unknown_key_error(key: str) -> ValueError:
+    """An unknown key: the nearest valid ones (difflib), and where to find them all."""
+    import difflib
+    close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.75)
+    hint = f"did you mean {' or '.join(repr(k) for k in close)}? " if close else ""
+    return ValueError(f"unknown config key {key!r}; {hint}All keys with their defaults: "
+                      f"`nrdm info digits --config --no-flops`, or the README's configuration table")
+
+
 def from_dict(data: dict, cls=Config, prefix: str = ""):
     """Build a (nested) config dataclass from a dict, rejecting unknown keys."""
     if not isinstance(data, dict):
@@ -176,7 +185,7 @@ def from_dict(data: dict, cls=Config, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ValueError(f"unknown config key {prefix + str(unknown[0])!r}; valid keys: {', '.join(valid_keys())}")
+        raise unknown_key_error(prefix + str(unknown[0]))
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -194,7 +203,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.steps=500")
         key, raw = item.split("=", 1)
         if key not in valid_keys():
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            raise unknown_key_error(key)
         section, name = key.split(".", 1)
         data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else None
     return data

@@ -184,10 +184,24 @@ def test_cli_train_sample_info(tmp_path, tiny_overrides, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == 2 and info["params"] > 0 and info["gflops_per_sample"] > 0
     assert cli_main(["train", "digits", "--out", str(tmp_path / "x"), "--set", "train.stpes=3"]) == 2
-    assert "valid keys" in capsys.readouterr().err
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
     assert cli_main(["sample", str(tmp_path / "empty"), "--out", str(out_png)]) == 2
     assert cli_main(["sample", str(run), "--prompt", "a seven", "--out", str(out_png)]) == 2
     assert "--prompt needs a text-to-image model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,flag", [(["sample", "RUN", "--n", "-3", "--out", "x.png"], "--n"),
+                                       (["sample", "RUN", "--n", "0", "--out", "x.png"], "--n"),
+                                       (["sample", "RUN", "--out", "x.png", "--steps", "0"], "--steps"),
+                                       (["eval", "RUN", "--n", "0"], "--n"), (["eval", "RUN", "--n", "ten"], "--n")])
+def test_cli_rejects_counts_below_one(argv, flag, capsys):
+    """--n / --steps below 1 are usage errors naming the flag, before any run is loaded (they
+    used to end in a torch traceback or an obscure torch.cat() message)."""
+    with pytest.raises(SystemExit) as stop:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and ("must be at least 1" in err or "expected a whole number" in err)
+    assert f"argument {flag}:" in err
 
 
 def test_divergence_monitor():
