@@ -95,6 +95,46 @@ def test_resume_refuses_a_changed_model(tiny_config, tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-00000006"
 
 
+def test_resume_allows_changes_that_do_not_change_results(tiny_config, tmp_path):
+    """Compilation, activation recomputation, the device and the data's location may change on
+    resume; the model's shape may not."""
+    train(tiny_config("train.steps=2"), tmp_path, progress=False)
+    saved = (tmp_path / "config.yaml").read_text()
+    trainer_mod.check_resume_config(saved, tiny_config("train.compile=true", "model.grad_checkpointing=true",
+                                                       "train.device=cpu", "data.root=/elsewhere"))
+    with pytest.raises(ValueError, match=r"model.width: 8 -> 16"):
+        trainer_mod.check_resume_config(saved, tiny_config("model.width=16"))
+    train(tiny_config("train.steps=4", "model.grad_checkpointing=true"), tmp_path, resume=True, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_a_run_that_fails_at_once_leaves_no_directory(tiny_config, tmp_path):
+    """A run that fails before writing anything but its config removes the directory it made;
+    a directory the user made stays."""
+    bad = ("data.name=mnist", f"data.root={tmp_path / 'no-such-mnist'}")
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train(tiny_config(*bad), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train(tiny_config(*bad), tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_fsdp_without_fully_shard_is_a_clear_error(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_fsdp2(name, *args, **kwargs):
+        if name in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fsdp2)
+    with pytest.raises(ValueError, match="train.parallel=fsdp needs FSDP2's fully_shard"):
+        trainer_mod._wrap_parallel(torch.nn.Linear(2, 2), "fsdp", None)
+
+
 def test_non_finite_steps_are_skipped_then_stop(tiny_config, tmp_path, monkeypatch):
     real_loss = trainer_mod.diffusion_loss
     bad_calls = {2}

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -40,10 +41,12 @@ from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from nrdm.training.ema import EMA
 
-# config keys that may change when a run is resumed
+# config keys that may change when a run is resumed: the budget, logging and sampling, and what
+# changes how, not what, is computed (compilation, activation recomputation, the device, where
+# the data lives, loader workers)
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_every",
                      "train.diagnostics_every", "train.eval_every", "train.eval_n", "train.max_bad_steps",
-                     "train.divergence_factor",
+                     "train.divergence_factor", "train.compile", "train.device", "model.grad_checkpointing",
                      "data.num_workers", "data.root", "sample.")
 
 
@@ -121,10 +124,31 @@ def _step_seed(seed: int, step: int, stream: int) -> int:
 
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True,
           env: DistEnv | None = None) -> dict:
-    """Train per `cfg`, writing to out_dir; returns a summary dict. See the module docstring."""
+    """Train per `cfg`, writing to out_dir; returns a summary dict. See the module docstring.
+    A run that fails before it has written anything but its config (bad data, a crash in the
+    first step) removes the directory it created, so a retry needs no cleanup."""
+    out = Path(out_dir)
+    fresh = not out.exists()
+    try:
+        return _train(cfg, out, resume, progress, env)
+    except BaseException:
+        if fresh and _holds_only_a_config(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _holds_only_a_config(out: Path) -> bool:
+    """The run directory has its config.yaml and at most the log's start record: nothing to keep."""
+    if not out.is_dir() or latest_checkpoint(out) is not None:
+        return False
+    names = {p.name for p in out.iterdir()}
+    log = out / "log.jsonl"
+    return names <= {"config.yaml", "log.jsonl"} and (not log.exists() or len(log.read_text().splitlines()) <= 1)
+
+
+def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | None) -> dict:
     validate(cfg)
     env = env or init_distributed(cfg.train.device)
-    out = Path(out_dir)
     tc = cfg.train
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
@@ -345,7 +369,14 @@ def _wrap_parallel(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard               # public from torch 2.6
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard    # torch 2.4, 2.5
+        except ImportError:
+            raise ValueError(f"train.parallel=fsdp needs FSDP2's fully_shard (torch >= 2.4); this is torch "
+                             f"{torch.__version__}. Use train.parallel=ddp or upgrade torch.") from None
 
     from nrdm.models.blocks import TransformerBlock
     from nrdm.models.unet import Stage
