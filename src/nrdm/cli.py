@@ -343,10 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nrdm.training import CheckpointError, TrainingStopped
+    from nrdm.utils.optional import MissingDependency
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped) as err:
+    except (ValueError, FileNotFoundError, CheckpointError, TrainingStopped, MissingDependency) as err:
         print(f"nrdm {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

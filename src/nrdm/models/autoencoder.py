@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nrdm.utils.optional import loading, require
+
 
 class LatentCodec(nn.Module):
     """Base: subclasses set latent_channels, downsample, identity; implement _encode/_decode on
@@ -59,10 +61,10 @@ class DiffusersVAE(LatentCodec):
 
     def __init__(self, name_or_path: str, subfolder: str | None = None):
         super().__init__()
-        from diffusers import AutoencoderKL
-
+        diffusers = require("diffusers", f"the VAE {name_or_path!r} (data.vae)")
         kwargs = {"subfolder": subfolder} if subfolder else {}
-        self.vae = AutoencoderKL.from_pretrained(name_or_path, **kwargs).eval().requires_grad_(False)
+        with loading("VAE (diffusers AutoencoderKL)", name_or_path):
+            self.vae = diffusers.AutoencoderKL.from_pretrained(name_or_path, **kwargs).eval().requires_grad_(False)
         config = self.vae.config
         self.in_channels, self.latent_channels = config.in_channels, config.latent_channels
         self.downsample = 2 ** (len(config.block_out_channels) - 1)

