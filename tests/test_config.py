@@ -78,3 +78,15 @@ def test_readme_config_table_lists_every_key():
     rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
     missing = [key for key in valid_keys() if f"`{key.split('.', 1)[1]}`" not in rows.get(key.split(".")[0], "")]
     assert not missing, f"README.md's config table lacks {missing}"
+
+
+def test_readme_command_block_lists_every_command():
+    """The README's command-line block shows every `nrdm` command (and `--prompt`)."""
+    import argparse
+
+    from nrdm.cli import build_parser
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## Command line and configuration", 1)[1].split("```", 2)[1]
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [name for name in sub.choices if f"nrdm {name} " not in block]
+    assert not missing and "--prompt" in block, missing
