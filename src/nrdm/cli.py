@@ -23,6 +23,7 @@ import yaml
 
 
 from nrdm.factory import load_run, output_kwargs
+from nrdm.models.gated_unit import VARIANTS
 
 
 class _DefaultsHelp(argparse.HelpFormatter):
@@ -314,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    eval_n=1000)),
                         (image, dict(depths=[4, 16], gammas=[0.0], width=64, steps=300, batch_size=64, eval_n=250))):
         q.add_argument("--out", required=True, help="grid directory (results.jsonl, summary.csv/.md, plots/)")
-        q.add_argument("--variants", nargs="+", default=["nrdm", "adaln", "scaled-skip", "resnet", "rezero",
-                                                         "adaln-zero"])
+        q.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                       help="residual forms to compare (default: all)")
         q.add_argument("--depths", nargs="+", type=int, default=defaults["depths"])
         q.add_argument("--gammas", nargs="+", type=float, default=defaults["gammas"])
         q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2] if q is toy else [0])

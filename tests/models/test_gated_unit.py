@@ -37,12 +37,15 @@ def conditioning(batch=B):
 def test_update_matches_its_formula(variant):
     """z' written out by hand from the unit's raw gate head, with n = Identity and f = Linear."""
     unit = make_unit(variant)
+    unit.set_model_units(16)                       # depth-mup: L = 16 units -> 1/4; no effect on others
     if unit.gates is not None:
         randomize_gates(unit)
     z = torch.randn(B, N, C)
     cond = conditioning()
     f = unit.body
-    if unit.gates is None:
+    if variant == "depth-mup":
+        expected = z + f(z) / 4
+    elif unit.gates is None:
         expected = z + f(z)
     elif variant == "rezero":
         a = unit.gates.value[0, 0]                 # scalar, start value 0
@@ -96,14 +99,14 @@ def test_identity_at_init(variant, source):
 
 
 def test_not_identity_where_not_promised():
-    for variant in ["adaln", "scaled-skip", "resnet"]:
+    for variant in ["adaln", "scaled-skip", "resnet", "depth-mup"]:
         unit = make_unit(variant)
         z = torch.randn(B, N, C)
         assert not torch.allclose(unit(z, conditioning()), z)
 
 
 def test_bad_config_names_allowed_values():
-    with pytest.raises(ValueError, match="allowed: nrdm, adaln, scaled-skip, resnet, rezero, adaln-zero"):
+    with pytest.raises(ValueError, match="allowed: nrdm, adaln, scaled-skip, resnet, rezero, adaln-zero, depth-mup"):
         UnitConfig("highway")
     with pytest.raises(ValueError, match="allowed: cond, tdp, static"):
         UnitConfig("nrdm", gate_source="mlp")
@@ -117,6 +120,7 @@ def test_conditioning_routes():
     assert UnitConfig("adaln-zero").gates_see_condition
     assert not UnitConfig("resnet").gates_see_condition
     assert not UnitConfig("rezero").gates_see_condition
+    assert not UnitConfig("depth-mup").gates_see_condition
     assert not UnitConfig("nrdm", gate_source="tdp").gates_see_condition
 
 
@@ -130,7 +134,7 @@ def exact_sensitivity(unit, z1, cond1):
     J = torch.autograd.functional.jacobian(lambda zz: unit.branch(zz, g), z1)      # z1.shape * 2
     D = z1.numel()
     J = J.reshape(D, D)
-    alpha = (g["gate"].expand_as(z1) if "gate" in g else torch.ones_like(z1)).reshape(D)
+    alpha = (g["gate"].expand_as(z1) if "gate" in g else torch.ones_like(z1)).reshape(D) * unit.branch_scale
     beta = (g["out_shift"].expand_as(z1) if "out_shift" in g else torch.zeros_like(z1)).reshape(D)
     A = (alpha[:, None] * J - torch.diag(beta)).detach()
     return A, (A ** 2).sum() / D
@@ -146,7 +150,7 @@ SENSITIVITY_CASES = {
 }
 
 
-@pytest.mark.parametrize("variant", ["nrdm", "adaln-zero", "resnet"])
+@pytest.mark.parametrize("variant", ["nrdm", "adaln-zero", "resnet", "depth-mup"])
 @pytest.mark.parametrize("case", list(SENSITIVITY_CASES))
 def test_sensitivity_estimate_matches_exact(variant, case):
     """Hutchinson: E_v ||alpha J v - beta v||^2 = ||A||_F^2 with Var = 2 ||A^T A||_F^2 (Gaussian v).
@@ -154,6 +158,7 @@ def test_sensitivity_estimate_matches_exact(variant, case):
     spec = SENSITIVITY_CASES[case]
     torch.manual_seed(0)
     unit = make_unit(variant, body=spec["body"](), norm=spec["norm"], channel_axis=spec["axis"]).double()
+    unit.set_model_units(9)                        # depth-mup: alpha = 1/3
     if unit.gates is not None:
         randomize_gates(unit)
     z1 = torch.randn(spec["shape"], dtype=torch.float64)
@@ -168,6 +173,19 @@ def test_sensitivity_estimate_matches_exact(variant, case):
     estimate = unit.sensitivity(zM, condM, probes).mean().detach()
     std_error = math.sqrt(2 * float(((A.T @ A) ** 2).sum()) / M) / D
     assert abs(float(estimate) - float(exact)) < 5 * std_error, (float(estimate), float(exact), std_error)
+
+
+@pytest.mark.parametrize("backbone", ["DiT-T/2", "U-ViT-T/2", "UNet-T", "Latte-T/2"])
+def test_depth_mup_scale_is_one_over_root_of_the_units_of_the_model(backbone):
+    """depth-muP's L is the number of gated units of the whole model, whatever the backbone and
+    depth; other variants keep their branch unscaled."""
+    from nrdm.models import build_model, gated_units
+    kwargs = dict(image_size=8, in_channels=1, num_classes=3, num_frames=2) if backbone.startswith("Latte") else dict(
+        image_size=8, in_channels=1, num_classes=3)
+    for depth in (4, 6) if not backbone.startswith("UNet") else (1, 2):
+        units = gated_units(build_model(backbone, variant="depth-mup", depth=depth, **kwargs))
+        assert all(u.branch_scale == pytest.approx(len(units) ** -0.5) for u in units)
+    assert all(u.branch_scale == 1.0 for u in gated_units(build_model(backbone, variant="resnet", **kwargs)))
 
 
 def test_sensitivity_gradient_reaches_gates_and_branch():

@@ -16,7 +16,7 @@ from torch import nn
 from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss, eps_predictor, sample
 from nrdm.lab.grid import DIVERGENCE_FACTOR
 from nrdm.models.blocks import wants_input_conditioning
-from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig
+from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig, count_units
 from nrdm.models.layers import Mlp, TimestepEmbedder
 from nrdm.models.tracing import gate_profile
 from nrdm.training.divergence import DivergenceMonitor
@@ -90,6 +90,7 @@ class ToyDenoiser(nn.Module):
                                    for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, dim)
+        count_units(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         c = self.time(t)                                                    # (B, W)

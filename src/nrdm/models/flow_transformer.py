@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nrdm.models.blocks import Backbone, ConditionEmbedder, TransformerBlock, wants_input_conditioning
-from nrdm.models.gated_unit import UnitConfig
+from nrdm.models.gated_unit import UnitConfig, count_units
 from nrdm.models.layers import check_heads, check_patch, sincos_pos_embed_2d, unpatchify
 
 
@@ -57,6 +57,7 @@ class FlowTransformer(Backbone):
         self.cond_in = nn.Linear(width, width) if wants_input_conditioning(input_conditioning, self.unit) else None
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, width, self.unit) for _ in range(depth))
         self.final = FinalLayer(width, patch_size * patch_size * in_channels)
+        count_units(self)                            # depth-mup's L
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)

@@ -16,6 +16,10 @@ A variant is the choice of which coefficients are gates:
     rezero   (4)  z + a f(n(z)), a a learned scalar           alpha -> gate 0 (static, scalar)
     adaln-zero    z + g(c) f(n(z) (1 + s(c)) + b(c))          gate -> gate 0, scale -> in_scale 1,
                                                               shift -> in_shift 0
+    depth-mup     z + f(n(z)) / sqrt(L)                       none; L = the model's number of units
+                                                              (Yang et al. 2023, Tensor Programs VI;
+                                                              Bordelon et al. 2023): a fixed 1/sqrt(L)
+                                                              branch scale, set by `count_units`
 The modulating variants (adaln, adaln-zero) modulate the normalised input, as DiT does; with
 `n = Identity` the adaln update is literally `z + f(alpha z + beta)`.
 
@@ -26,7 +30,7 @@ of the first slot (alpha, or adaln-zero's gate).
 
 How the conditioning reaches each variant: through the gates when `gate_source="cond"` and the
 variant has gates (nrdm, adaln, scaled-skip, adaln-zero). resnet and rezero have no conditioned
-parameters, and `gate_source="tdp"` gates see only the diffusion time; for those
+parameters (nor has depth-mup), and `gate_source="tdp"` gates see only the diffusion time; for those
 `UnitConfig.gates_see_condition` is False and the backbones add the conditioning vector to
 their input features (see each backbone's `input_conditioning`).
 """
@@ -48,6 +52,7 @@ VARIANT_SLOTS: dict[str, tuple[tuple[str, str, float], ...]] = {
     "resnet": (),
     "rezero": (("alpha", "gate", 0.0),),
     "adaln-zero": (("gate", "gate", 0.0), ("scale", "in_scale", 1.0), ("shift", "in_shift", 0.0)),
+    "depth-mup": (),
 }
 VARIANTS = tuple(VARIANT_SLOTS)
 VARIANT_IDS = {0: "nrdm", 1: "adaln", 2: "scaled-skip", 3: "resnet", 4: "rezero"}
@@ -199,6 +204,11 @@ class GatedResidual(nn.Module):
         self.gates = (GateGenerator(len(self.slots), channels, cond_dim, unit.gate_source, unit.gate_shape)
                       if self.slots else None)
         self.tracer = None  # set by nrdm.models.tracing.UnitTracer; None costs nothing
+        self.branch_scale = 1.0  # depth-mup: 1/sqrt(L), set by count_units once the model is built
+
+    def set_model_units(self, count: int) -> None:
+        """The model holds `count` gated units (depth-muP's L)."""
+        self.branch_scale = count ** -0.5 if self.unit.variant == "depth-mup" else 1.0
 
     # -- pieces -------------------------------------------------------------------------------
     def gate_values(self, cond: Conditioning, ndim: int) -> dict[str, torch.Tensor]:
@@ -225,6 +235,8 @@ class GatedResidual(nn.Module):
         update = self.branch(z, g)
         if "gate" in g:
             update = g["gate"] * update
+        if self.branch_scale != 1.0:
+            update = update * self.branch_scale
         out = g["skip"] * z + update if "skip" in g else z + update
         if "out_shift" in g:
             out = out + g["out_shift"]
@@ -239,7 +251,8 @@ class GatedResidual(nn.Module):
         J = d branch / d z is the branch Jacobian (D x D per sample, D = z[0].numel()), alpha the
         gate on the branch (1 where the variant has none) and beta the output shift (0 where
         none). With E[v v^T] = I:  E_v ||alpha (J v) - beta v||^2 = ||alpha J - beta I||_F^2.
-        J v is one forward-mode Jacobian-vector product. Returns (B,) in float32.
+        J v is one forward-mode Jacobian-vector product (depth-mup: alpha = 1/sqrt(L)). Returns (B,)
+        in float32.
 
         What the penalty may change: this unit's gate generator and branch. The unit's inputs,
         z and the conditioning vector c, are constants here, so the penalty never reshapes the
@@ -257,6 +270,8 @@ class GatedResidual(nn.Module):
             g = self.gate_values(cond, z.ndim)
             _, jv = torch.func.jvp(lambda zz: self.branch(zz, g), (z,), (probe,))
             residual = jv * g["gate"] if "gate" in g else jv
+            if self.branch_scale != 1.0:
+                residual = residual * self.branch_scale
             if "out_shift" in g:
                 residual = residual - g["out_shift"] * probe
         return residual.float().pow(2).flatten(1).sum(1) / z[0].numel()
@@ -265,6 +280,14 @@ class GatedResidual(nn.Module):
 def gated_units(model: nn.Module) -> list[GatedResidual]:
     """All gated residual units of a model (through DDP/compile wrappers), in registration order."""
     return [m for m in model.modules() if isinstance(m, GatedResidual)]
+
+
+def count_units(model: nn.Module) -> None:
+    """Tell every unit how many gated units the model holds; each backbone calls this at the end
+    of its constructor (depth-muP scales every branch by 1/sqrt(L))."""
+    units = gated_units(model)
+    for unit in units:
+        unit.set_model_units(len(units))
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

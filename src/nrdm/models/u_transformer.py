@@ -8,7 +8,7 @@ from torch import nn
 
 from nrdm.models.blocks import (Backbone, ConditionEmbedder, LongSkipScaler, TransformerBlock,
                                 wants_input_conditioning)
-from nrdm.models.gated_unit import UnitConfig
+from nrdm.models.gated_unit import UnitConfig, count_units
 from nrdm.models.layers import check_heads, check_patch, sincos_pos_embed_2d, unpatchify
 
 
@@ -70,6 +70,7 @@ class UShapedTransformer(Backbone):
         self.out_conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
         nn.init.dirac_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
+        count_units(self)                            # depth-mup's L
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)

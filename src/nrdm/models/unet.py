@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nrdm.models.blocks import Backbone, ConditionEmbedder, LongSkipScaler, wants_input_conditioning
-from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig
+from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig, count_units
 from nrdm.models.layers import ConvBranch, SpatialAttention, TemporalAttention, check_heads, group_norm, \
     sinusoidal_embedding
 
@@ -122,6 +122,7 @@ class UNet(Backbone):
         self.out_conv = nn.Conv2d(channels[0], in_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
+        count_units(self)                            # depth-mup's L
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from nrdm.models.blocks import Backbone, ConditionEmbedder, TransformerBlock, wants_input_conditioning
 from nrdm.models.flow_transformer import FinalLayer
-from nrdm.models.gated_unit import Conditioning, UnitConfig
+from nrdm.models.gated_unit import Conditioning, UnitConfig, count_units
 from nrdm.models.layers import check_heads, check_patch, sincos_pos_embed_2d, sinusoidal_embedding, unpatchify
 
 
@@ -48,6 +48,7 @@ class VideoTransformer(Backbone):
         self.cond_in = nn.Linear(width, width) if wants_input_conditioning(input_conditioning, self.unit) else None
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, width, self.unit) for _ in range(depth))
         self.final = FinalLayer(width, patch_size * patch_size * in_channels)
+        count_units(self)                            # depth-mup's L
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
