@@ -90,3 +90,10 @@ def test_readme_command_block_lists_every_command():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     missing = [name for name in sub.choices if f"nrdm {name} " not in block]
     assert not missing and "--prompt" in block, missing
+
+
+def test_float_keys_accept_yaml_exponents():
+    """YAML 1.1 reads 1e-4 as a string; float keys take it as the number."""
+    assert load_config("digits", ["train.lr=1e-4"]).train.lr == 1e-4
+    with pytest.raises(ValueError, match="expects float"):
+        load_config("digits", ["train.lr=fast"])

@@ -54,6 +54,10 @@ class DiffusionConfig:
     penalty_units: int = 1
     probe: str = "gaussian"
     label_drop: float = 0.1
+    min_snr_gamma: float = 0.0              # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); 0 = off
+    timestep_sampling: str = "uniform"      # uniform | logit-normal (SD3's density, in log-SNR terms)
+    logit_mean: float = 0.0                 # logit-normal: location m and scale s of u, log-SNR = -2u
+    logit_std: float = 1.0
 
 
 @dataclass
@@ -86,6 +90,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 100
+    lr_schedule: str = "constant"           # constant | cosine (after the linear warm-up)
+    min_lr: float = 0.0                     # cosine: the lr reached at train.steps
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0                  # max global grad norm (0 = off)
@@ -161,6 +167,11 @@ def _coerce(value, hint, key: str):
         return [_coerce(v, args[0], key) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):      # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool) and hint is not bool):

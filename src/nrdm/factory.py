@@ -118,7 +118,9 @@ def build_schedule(cfg: Config) -> VPSchedule:
 
 def build_loss_config(cfg: Config) -> LossConfig:
     d = cfg.diffusion
-    return LossConfig(gamma=d.gamma, penalty_units=d.penalty_units, probe=d.probe, label_drop=d.label_drop)
+    return LossConfig(gamma=d.gamma, penalty_units=d.penalty_units, probe=d.probe, label_drop=d.label_drop,
+                      min_snr_gamma=d.min_snr_gamma, timestep_sampling=d.timestep_sampling,
+                      logit_mean=d.logit_mean, logit_std=d.logit_std)
 
 
 def validate(cfg: Config) -> None:
@@ -133,6 +135,7 @@ def validate(cfg: Config) -> None:
     for name, value, allowed in [("train.precision", t.precision, ("fp32", "bf16", "fp16")),
                                  ("train.parallel", t.parallel, ("ddp", "fsdp")),
                                  ("train.device", t.device, ("auto", "cpu", "cuda")),
+                                 ("train.lr_schedule", t.lr_schedule, ("constant", "cosine")),
                                  ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -144,6 +147,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"these config values must be >= 1: {', '.join(bad)}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
+    if not 0.0 <= t.min_lr <= t.lr:
+        raise ValueError(f"train.min_lr must lie in [0, train.lr={t.lr}], got {t.min_lr}")
     from nrdm.data.datasets import check_video
     check_video(cfg.data)
     captioned = cfg.data.captions or cfg.data.name == "captions"

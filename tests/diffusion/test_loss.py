@@ -194,3 +194,57 @@ def test_bad_loss_config():
         LossConfig(probe="sphere")
     with pytest.raises(ValueError, match="gamma >= 0"):
         LossConfig(gamma=-1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# loss weighting and timestep density
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weight_closed_form(prediction):
+    """w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, SNR = abar / (1 - abar)."""
+    schedule = VPSchedule("linear", prediction=prediction)
+    t = torch.tensor([0, 100, 300, 999])
+    abar = schedule.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr if prediction == "eps" else snr + 1)
+    torch.testing.assert_close(schedule.min_snr_weight(t, 5.0), expected.float())
+    # low noise (SNR >> 5) is down-weighted, high noise (SNR << 5) keeps weight 1 for eps
+    w = schedule.min_snr_weight(t, 5.0)
+    assert w[0] < 0.01 and (prediction == "v" or w[-1] == 1.0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_loss_is_the_weighted_mse(prediction):
+    """Weighting on: the per-sample MSE times the weight, averaged. Off (0): today's plain mean,
+    bit for bit."""
+    model, (x0, labels) = tiny_model(), batch()
+    schedule = VPSchedule("linear", prediction=prediction)
+    draws = NoiseDraws.sample(x0.shape, 1000, 0.0, torch.Generator().manual_seed(3))
+    xt = schedule.add_noise(x0, draws.t, draws.noise)
+    err = (model(xt, draws.t, labels) - schedule.target(x0, draws.t, draws.noise)).pow(2)
+    plain = diffusion_loss(model, x0, labels, schedule, LossConfig(label_drop=0.0), draws=draws).loss
+    assert torch.equal(plain, err.mean())
+    weighted = diffusion_loss(model, x0, labels, schedule, LossConfig(label_drop=0.0, min_snr_gamma=5.0),
+                              draws=draws).loss
+    torch.testing.assert_close(weighted, (err.flatten(1).mean(1) * schedule.min_snr_weight(draws.t, 5.0)).mean())
+    assert not torch.allclose(weighted, plain)
+
+
+def test_logit_normal_steps_follow_their_density():
+    """Drawn steps: per-bin counts within 5 sigma of the density (20 bins of 50 steps), and
+    their log-SNR has mean -2m and std 2s (SD3's logit-normal in noise-level terms)."""
+    schedule, m, s = VPSchedule("linear"), 0.5, 0.8
+    density = schedule.timestep_density("logit-normal", m, s)
+    assert density.shape == (1000,) and float(density.sum()) == pytest.approx(1.0, abs=1e-9)
+    n = 200_000
+    t = NoiseDraws.sample((n, 1), 1000, 0.0, torch.Generator().manual_seed(0), density=density).t
+    observed = torch.bincount(t, minlength=1000).view(20, 50).sum(1).double()
+    expected = density.view(20, 50).sum(1) * n
+    assert ((observed - expected).abs() <= 5 * expected.sqrt() + 5).all()
+    lam = schedule.log_snr[t]
+    assert float(lam.mean()) == pytest.approx(-2 * m, abs=0.03)
+    assert float(lam.std()) == pytest.approx(2 * s, rel=0.02)
+    assert schedule.timestep_density("uniform") is None
+    with pytest.raises(ValueError, match="allowed: uniform, logit-normal"):
+        LossConfig(timestep_sampling="beta")

@@ -270,3 +270,31 @@ def test_divergence_stops_training_with_its_step(tiny_config, tmp_path, monkeypa
     assert stop.value.step == 4
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert records[-1]["diverged"] and records[-1]["step"] == 4
+
+
+def test_lr_schedules_closed_form(tiny_config):
+    """Linear warm-up over w steps, then constant or cosine from lr to min_lr at train.steps."""
+    import math
+    const = tiny_config("train.steps=1000", "train.warmup_steps=100").train
+    cosine = tiny_config("train.steps=1000", "train.warmup_steps=100", "train.lr_schedule=cosine",
+                         "train.min_lr=1e-4").train
+    for tc in (const, cosine):
+        assert [trainer_mod.lr_factor(tc, s) for s in (0, 49, 98)] == pytest.approx([0.01, 0.5, 0.99])
+    assert trainer_mod.lr_factor(const, 999) == 1.0
+    floor = 1e-4 / cosine.lr
+    for s in (99, 324, 549, 999):
+        progress = (s + 1 - 100) / 900
+        assert trainer_mod.lr_factor(cosine, s) == pytest.approx(floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+    assert trainer_mod.lr_factor(cosine, 549) == pytest.approx((1 + floor) / 2)
+    with pytest.raises(ValueError, match="allowed: constant, cosine"):
+        trainer_mod.validate(tiny_config("train.lr_schedule=step"))
+
+
+def test_training_options_reach_the_loop(tiny_config, tmp_path):
+    """Min-SNR weighting, logit-normal steps and the cosine schedule run end to end; the logged
+    lr follows the cosine."""
+    train(tiny_config("diffusion.min_snr_gamma=5", "diffusion.timestep_sampling=logit-normal",
+                      "train.lr_schedule=cosine", "train.log_every=1"), tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][1:]
+    lrs = [r["lr"] for r in records]
+    assert lrs[-1] < lrs[2] and all(isinstance(r["loss"], float) for r in records)

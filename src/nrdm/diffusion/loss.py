@@ -1,6 +1,8 @@
 """Training objective (SPEC section 3):
 
-    L = E || F_theta(x_n, n) - target ||^2  +  gamma * sum_i ||alpha_i J_i - beta_i I||_F^2 / D
+    L = E_n w(n) || F_theta(x_n, n) - target ||^2  +  gamma * sum_i ||alpha_i J_i - beta_i I||_F^2 / D
+
+with n uniform (or logit-normal in log-SNR, `timestep_sampling`) and w = 1 (or Min-SNR-gamma).
 
 The first term is denoising score matching in its eps- (or v-) prediction form. The second is
 the residual-sensitivity penalty, summed over the gated units i; each term is estimated by
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nrdm.diffusion.schedule import VPSchedule
+from nrdm.diffusion.schedule import TIMESTEP_SAMPLINGS, VPSchedule
 from nrdm.models.conditions import null_condition, replace_where
 from nrdm.models.gated_unit import gated_units
 from nrdm.models.tracing import UnitTracer
@@ -29,12 +31,25 @@ class LossConfig:
     penalty_units: int = 1      # units per step at which the penalty is evaluated
     probe: str = "gaussian"     # Hutchinson probe distribution: gaussian (SPEC) or rademacher
     label_drop: float = 0.1     # probability of training a label as the null class (for guidance)
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma weighting of the MSE (0 = off: plain mean)
+    timestep_sampling: str = "uniform"   # uniform | logit-normal (VPSchedule.timestep_density)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self):
         if self.probe not in PROBES:
             raise ValueError(f"unknown probe {self.probe!r}; allowed: {', '.join(PROBES)}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep sampling {self.timestep_sampling!r}; allowed: "
+                             f"{', '.join(TIMESTEP_SAMPLINGS)}")
         if self.gamma < 0 or self.penalty_units < 1 or not 0 <= self.label_drop <= 1:
             raise ValueError(f"need gamma >= 0, penalty_units >= 1, 0 <= label_drop <= 1; got {self}")
+        if self.min_snr_gamma < 0 or self.logit_std <= 0:
+            raise ValueError(f"need min_snr_gamma >= 0 and logit_std > 0; got {self}")
+
+    def timestep_density(self, schedule: VPSchedule) -> torch.Tensor | None:
+        """Training distribution of the steps (None: uniform)."""
+        return schedule.timestep_density(self.timestep_sampling, self.logit_mean, self.logit_std)
 
 
 @dataclass
@@ -106,9 +121,13 @@ class NoiseDraws:
 
     @classmethod
     def sample(cls, shape, num_timesteps: int, label_drop: float, generator: torch.Generator | None = None,
-               device="cpu") -> "NoiseDraws":
+               device="cpu", density: torch.Tensor | None = None) -> "NoiseDraws":
+        """density: probabilities (T,) of the steps (VPSchedule.timestep_density); None = uniform."""
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, num_timesteps, (shape[0],), generator=generator, device=gen_device)
+        if density is None:
+            t = torch.randint(0, num_timesteps, (shape[0],), generator=generator, device=gen_device)
+        else:
+            t = torch.multinomial(density.to(gen_device, torch.float64), shape[0], replacement=True, generator=generator)
         noise = torch.randn(shape, generator=generator, device=gen_device)
         drop = torch.rand(shape[0], generator=generator, device=gen_device) < label_drop
         probe_seeds = torch.randint(0, 2 ** 62, (shape[0],), generator=generator, device=gen_device).cpu()
@@ -120,6 +139,16 @@ class NoiseDraws:
 
     def to(self, device) -> "NoiseDraws":
         return NoiseDraws(self.t.to(device), self.noise.to(device), self.drop.to(device), self.probe_seeds)
+
+
+def _mse(out: torch.Tensor, target: torch.Tensor, schedule: VPSchedule, t: torch.Tensor,
+         min_snr_gamma: float) -> torch.Tensor:
+    """The denoising term: the plain mean of squared errors, or with min_snr_gamma > 0 each
+    sample's mean weighted by Min-SNR-gamma (VPSchedule.min_snr_weight)."""
+    err = (out.float() - target.float()).pow(2)
+    if not min_snr_gamma:
+        return err.mean()
+    return (err.flatten(1).mean(1) * schedule.min_snr_weight(t, min_snr_gamma)).mean()
 
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSchedule,
@@ -134,7 +163,8 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
     been backpropagated, adjoint norms): read them with `output.tracer.diagnostics()`.
     """
     if draws is None:
-        draws = NoiseDraws.sample(x0.shape, schedule.num_timesteps, config.label_drop, generator, x0.device)
+        draws = NoiseDraws.sample(x0.shape, schedule.num_timesteps, config.label_drop, generator, x0.device,
+                                  config.timestep_density(schedule))
     t, noise = draws.t, draws.noise.to(x0.dtype)
     if labels is not None:           # condition dropout: the null class or the empty caption
         null = null_condition(unwrap(model), x0.shape[0], x0.device)
@@ -143,7 +173,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
     xt = schedule.add_noise(x0, t, noise)
     target = schedule.target(x0, t, noise)
     if config.gamma == 0 and not diagnostics:
-        mse = (model(xt, t, labels).float() - target.float()).pow(2).mean()
+        mse = _mse(model(xt, t, labels), target, schedule, t, config.min_snr_gamma)
         return LossOutput(mse, mse.detach())
 
     units = gated_units(model)
@@ -154,7 +184,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
     with UnitTracer(model, units=units if diagnostics else penalized, keep_inputs=penalized,
                     stats=diagnostics) as tracer:
         out = model(xt, t, labels)
-    mse = (out.float() - target.float()).pow(2).mean()
+    mse = _mse(out, target, schedule, t, config.min_snr_gamma)
     if not penalized:
         return LossOutput(mse, mse.detach(), tracer=tracer)
     gather_sharded_parameters(model, penalized)

@@ -11,6 +11,7 @@ import torch
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
 # Smallest abar an eps-prediction sampler starts from: the terminal abar of DDPM's linear
 # schedule (4.04e-5 at T = 1000), from which eps-models have always been sampled.
 MIN_EPS_START_ABAR = 4e-5
@@ -57,6 +58,31 @@ class VPSchedule:
         return int((self.alphas_cumprod >= MIN_EPS_START_ABAR).nonzero().max()) if (
             self.alphas_cumprod[0] >= MIN_EPS_START_ABAR) else self.num_timesteps - 1
 
+    @property
+    def log_snr(self) -> torch.Tensor:
+        """log SNR_n = log(abar_n / (1 - abar_n)), (T,) float64, decreasing in n."""
+        return torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
+
+    def timestep_density(self, kind: str = "uniform", mean: float = 0.0, std: float = 1.0) -> torch.Tensor | None:
+        """Probabilities (T,) of drawing each step for training; None for uniform.
+
+        logit-normal (Esser et al. 2024, SD3) draws t = sigmoid(u), u ~ N(m, s), for rectified flow,
+        whose SNR is ((1 - t) / t)^2: log-SNR = -2u ~ N(-2m, 2s). We keep that density of noise
+        levels and give each discrete step the probability of the log-SNR interval it is nearest
+        to (cells bounded by the midpoints of neighbouring steps' log-SNR; the end cells open)."""
+        if kind not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep sampling {kind!r}; allowed: {', '.join(TIMESTEP_SAMPLINGS)}")
+        if kind == "uniform":
+            return None
+        if std <= 0:
+            raise ValueError(f"diffusion.logit_std must be > 0, got {std}")
+        lam = self.log_snr
+        edges = torch.cat([lam.new_tensor([math.inf]), (lam[1:] + lam[:-1]) / 2, lam.new_tensor([-math.inf])])
+        normal = torch.distributions.Normal(torch.tensor(-2.0 * mean, dtype=torch.float64),
+                                            torch.tensor(2.0 * std, dtype=torch.float64))
+        cdf = normal.cdf(edges)                                      # decreasing along n
+        return (cdf[:-1] - cdf[1:]).clamp_min(0)
+
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """abar at integer steps t (B,), shaped (B, 1, ..., 1) to broadcast against `like`."""
         a = self.alphas_cumprod.to(t.device)[t.long()].to(like.dtype)
@@ -65,6 +91,14 @@ class VPSchedule:
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         a = self.abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023) per-sample weight of this schedule's MSE, (B,) float32:
+        the x0-space weight min(SNR, gamma) divided by what the target's MSE already carries,
+        SNR for eps (||eps - eps^||^2 = SNR ||x0 - x0^||^2) and SNR + 1 for v."""
+        snr = (self.alphas_cumprod / (1 - self.alphas_cumprod)).to(t.device)[t.long()]
+        carried = snr if self.prediction == "eps" else snr + 1
+        return (snr.clamp(max=gamma) / carried).float()
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network is trained to output."""

@@ -16,6 +16,7 @@ The trainer never looks at the residual variant: it sees a backbone and a loss.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -118,6 +119,21 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(tc, step: int) -> float:
+    """lr(step) / train.lr: a linear warm-up over warmup_steps, then constant, or a cosine decay
+    from lr at the end of the warm-up to min_lr at train.steps:
+        lr(s) = min_lr + (lr - min_lr) (1 + cos(pi (s - w) / (S - w))) / 2."""
+    warmup = max(tc.warmup_steps, 1)
+    if step + 1 < warmup or tc.lr_schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    progress = min(1.0, (step + 1 - warmup) / max(tc.steps - warmup, 1))
+    floor = tc.min_lr / tc.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2 ** 63)
 
@@ -192,8 +208,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         wrapped = torch.compile(wrapped)
     # the optimizer comes after wrapping: FSDP replaces the parameters by sharded ones
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas))
-    warmup = max(tc.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, tc))
     scaler = torch.amp.GradScaler(env.device.type) if tc.precision == "fp16" else None
     start_step, bad_steps = 0, 0
     fsdp = env.distributed and tc.parallel == "fsdp"
@@ -218,6 +233,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
     conditional = model.conditional
     generator = torch.Generator()
     sample_shape = (tc.batch_size, *model.sample_shape)
+    t_density = loss_cfg.timestep_density(schedule)
 
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and env.is_main), desc="train",
                dynamic_ncols=True)
@@ -227,7 +243,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         done = step + 1
         generator.manual_seed(_step_seed(tc.seed, step, 0))
         torch.manual_seed(_step_seed(tc.seed, step, 1 + env.rank))
-        draws = NoiseDraws.sample(sample_shape, schedule.num_timesteps, loss_cfg.label_drop, generator)
+        draws = NoiseDraws.sample(sample_shape, schedule.num_timesteps, loss_cfg.label_drop, generator,
+                                  density=t_density)
         draws = draws.slice(env.rank * stream.per_rank, (env.rank + 1) * stream.per_rank)
         diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
         optimizer.zero_grad(set_to_none=True)
