@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--dataset", default="gmm2d", choices=["gmm2d", "moons", "gmm16"])
     image = lab.add_parser("image", help="digits / Fashion-MNIST with narrow flow- or U-shaped transformers (FID)")
     image.add_argument("--preset", default="digits", help="data and diffusion settings (digits | fashion | YAML)")
-    image.add_argument("--backbones", nargs="+", default=["flow"], choices=["flow", "u-transformer"])
+    image.add_argument("--backbones", nargs="+", default=["flow"], choices=["flow", "u-transformer", "preset"],
+                       help="narrow transformers of --width/--heads/--patch-size, or `preset`: the preset's own model "
+                            "and training recipe with only its variant and depth changed")
     image.add_argument("--heads", type=int, default=4)
     image.add_argument("--patch-size", type=int, default=4)
     image.add_argument("--eval-points", type=int, default=3, help="FID evaluations per cell (the last at the end)")

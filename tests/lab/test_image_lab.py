@@ -6,6 +6,7 @@ import functools
 import pytest
 
 import nrdm.training.trainer as trainer_mod
+from nrdm.config import load_config
 from nrdm.cli import main as cli_main
 from nrdm.lab.grid import load_results, run_grid
 from nrdm.lab.image import ImageCell
@@ -74,3 +75,16 @@ def test_lab_keys_cannot_be_overridden():
     with pytest.raises(ValueError, match="the lab sets these keys itself"):
         cell.config()
     assert ImageCell("digits", "flow", "nrdm", 2, 0.0, 0, overrides=("data.image_size=8",)).config().data.image_size == 8
+
+
+def test_preset_cells_keep_the_presets_model_and_recipe():
+    """backbone "preset": the preset's model (here the quickstart's conv U-Net) and lr, with the
+    cell's variant and depth; the key names the preset, not a width or patch size."""
+    cell = ImageCell("digits", "preset", "depth-mup", 8, 0.0, 1, steps=40)
+    cfg = cell.config()
+    preset = load_config("digits")
+    assert (cfg.model.size, cfg.model.width, cfg.model.channel_mult) == (preset.model.size, preset.model.width,
+                                                                           preset.model.channel_mult)
+    assert (cfg.model.variant, cfg.model.depth, cfg.train.seed, cfg.train.steps) == ("depth-mup", 8, 1, 40)
+    assert cfg.train.lr == preset.train.lr and cfg.sample.steps == preset.sample.steps
+    assert cell.setting == "digits" and cell.key == "digits|depth-mup|d8|g0|s1|n40"

@@ -1,6 +1,8 @@
 """Image proxy of the depth study: a narrow flow-shaped (DiT-like) or U-shaped (U-ViT-like)
-transformer on digits or Fashion-MNIST, trained by the project's own trainer, with the sample
-quality measured by the domain-network FID during training.
+transformer on digits or Fashion-MNIST, or the preset's own model (`backbone="preset"`: e.g. the
+conv U-Net of `digits` or the transformer of `digits-flow`, with only its variant and depth
+changed), trained by the project's own trainer, with the sample quality (domain-network FID and
+class accuracy) measured during training.
 
 Each cell is an ordinary training run in `<grid>/cells/<key>/` (config.yaml, log.jsonl,
 checkpoints, a sample grid), so any cell can be inspected, sampled or evaluated with the CLI; a
@@ -34,7 +36,10 @@ LAB_KEYS = ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps
 class ImageCell:
     """One image run: a `backbone` of `depth` transformer blocks (two gated units each) of
     `variant` at fixed width, trained `steps` steps from the `preset`'s data and diffusion
-    settings, with penalty weight `gamma`."""
+    settings, with penalty weight `gamma`. backbone "preset" keeps the preset's whole model and
+    training recipe (lr schedule, warm-up, EMA, sampler) and changes only its variant and depth
+    (model.depth: blocks of a transformer, units per level of a U-Net); width, heads and
+    patch_size are then unused."""
 
     preset: str
     backbone: str
@@ -53,12 +58,12 @@ class ImageCell:
 
     @property
     def setting(self) -> str:
-        return f"{self.preset}-{self.backbone}"
+        return self.preset if self.backbone == "preset" else f"{self.preset}-{self.backbone}"
 
     @property
     def key(self) -> str:
-        key = (f"{self.setting}|{self.variant}|d{self.depth}|g{self.gamma:g}|s{self.seed}|w{self.width}"
-               f"|p{self.patch_size}|n{self.steps}")
+        shape = "" if self.backbone == "preset" else f"|w{self.width}|p{self.patch_size}"
+        key = f"{self.setting}|{self.variant}|d{self.depth}|g{self.gamma:g}|s{self.seed}{shape}|n{self.steps}"
         if self.overrides:
             key += "|" + hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:8]
         return key
@@ -69,16 +74,21 @@ class ImageCell:
             raise ValueError(f"{taken}: the lab sets these keys itself (model from --width/--depth/--heads/"
                              f"--patch-size/--variants, training from --steps/--batch-size/--lr/--seeds/--gammas)")
         cfg = load_config(self.preset, list(self.overrides))
-        cfg.model = ModelConfig(backbone=self.backbone, width=self.width, depth=self.depth, heads=self.heads,
-                                patch_size=self.patch_size, mlp_ratio=2.0, variant=self.variant)
+        if self.backbone == "preset":
+            cfg.model = dataclasses.replace(cfg.model, depth=self.depth, variant=self.variant)
+            recipe = dict(lr=cfg.train.lr, batch_size=cfg.train.batch_size)
+        else:
+            cfg.model = ModelConfig(backbone=self.backbone, width=self.width, depth=self.depth, heads=self.heads,
+                                    patch_size=self.patch_size, mlp_ratio=2.0, variant=self.variant)
+            recipe = dict(lr=self.lr, batch_size=self.batch_size)
         cfg.diffusion = dataclasses.replace(cfg.diffusion, gamma=self.gamma, penalty_units=self.penalty_units)
         every = max(1, self.steps // eval_points)
         cfg.train = dataclasses.replace(
-            cfg.train, steps=self.steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+            cfg.train, steps=self.steps, seed=self.seed, **recipe,
             warmup_steps=min(cfg.train.warmup_steps, self.steps // 4), precision="fp32",
             log_every=every, eval_every=every, eval_n=eval_n, ckpt_every=every, keep_last=1,
             diagnostics_every=max(1, self.steps // snapshots), divergence_factor=DIVERGENCE_FACTOR)
-        cfg.sample = dataclasses.replace(cfg.sample, n=50, steps=20)
+        cfg.sample = dataclasses.replace(cfg.sample, n=50, steps=cfg.sample.steps if self.backbone == "preset" else 20)
         return cfg
 
     def run(self, cells_dir: str | Path, eval_points: int = 3, eval_n: int = 250, snapshots: int = 3,
