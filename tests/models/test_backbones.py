@@ -279,3 +279,16 @@ def test_u_transformer_starts_with_identity_output_conv_and_sincos_positions():
     torch.testing.assert_close(model.out_conv(x), x)
     torch.testing.assert_close(model.pos_embed[0, model.n_extra:], sincos_pos_embed_2d(64, 4))
     assert model.pos_embed[0, :model.n_extra].abs().max() == 0
+
+
+@pytest.mark.parametrize("size", ["DiT-T/2", "U-ViT-T/2", "UNet-T"])
+def test_class_is_as_visible_as_time_in_the_conditioning_at_init(size):
+    """c = t_emb + y_emb feeds zero-initialised gate heads: at init c must vary with the class at
+    least as much as with the time (a class embedding 7x below the time embedding made the flow
+    transformer ignore the class: accuracy 0.16 after 500 digits steps, 0.99 with N(0, 1))."""
+    torch.manual_seed(0)
+    model = build_model(size, image_size=8, in_channels=1, num_classes=10)
+    t = torch.arange(0, 1000, 100)
+    over_time = model.embed.time(t).std(0).mean()
+    over_class = model.embed.label(torch.arange(10)).std(0).mean()
+    assert over_class >= over_time
