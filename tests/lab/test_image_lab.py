@@ -75,6 +75,9 @@ def test_lab_keys_cannot_be_overridden():
     with pytest.raises(ValueError, match="the lab sets these keys itself"):
         cell.config()
     assert ImageCell("digits", "flow", "nrdm", 2, 0.0, 0, overrides=("data.image_size=8",)).config().data.image_size == 8
+    # a key that only starts like a lab key is the user's: train.lr is the lab's, train.lr_schedule not
+    cosine = ImageCell("digits", "preset", "nrdm", 2, 0.0, 0, overrides=("train.lr_schedule=cosine",)).config()
+    assert cosine.train.lr_schedule == "cosine"
 
 
 def test_preset_cells_keep_the_presets_model_and_recipe():

@@ -32,6 +32,11 @@ LAB_KEYS = ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps
             "train.divergence_factor", "sample.n", "sample.steps")
 
 
+def _is_lab_key(key: str) -> bool:
+    """Whether the lab sets `key` itself (entries ending in "." cover a whole section)."""
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in LAB_KEYS)
+
+
 @dataclass(frozen=True)
 class ImageCell:
     """One image run: a `backbone` of `depth` transformer blocks (two gated units each) of
@@ -69,7 +74,7 @@ class ImageCell:
         return key
 
     def config(self, eval_points: int = 3, eval_n: int = 250, snapshots: int = 3):
-        taken = [o for o in self.overrides if o.split("=")[0].strip().startswith(LAB_KEYS)]
+        taken = [o for o in self.overrides if _is_lab_key(o.split("=")[0].strip())]
         if taken:
             raise ValueError(f"{taken}: the lab sets these keys itself (model from --width/--depth/--heads/"
                              f"--patch-size/--variants, training from --steps/--batch-size/--lr/--seeds/--gammas)")
