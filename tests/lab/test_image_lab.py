@@ -44,6 +44,9 @@ def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     assert {"digits-flow_quality_vs_steps_gamma0.png", "digits-flow_quality_vs_depth_gamma0.png",
             "digits-flow_sensitivity_gamma0.png", "digits-flow_gates_vs_time.png"} <= plots
     assert "| digits-flow | resnet | 2 | 0 |" in capsys.readouterr().out
+    summary = (tmp_path / "summary.md").read_text()
+    accuracies = [r["eval"]["class_accuracy"] for r in records if r["variant"] == "resnet" and r["depth"] == 2]
+    assert "class accuracy" in summary and f"| {accuracies[0]:.3f} +- 0.000 |" in summary
     mtime = (tmp_path / "results.jsonl").stat().st_mtime_ns
     assert cli_main(args) == 0                                    # all cells done: nothing re-run
     assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime

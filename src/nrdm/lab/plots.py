@@ -37,10 +37,12 @@ def summarize(records: list[dict]) -> list[dict]:
     for (setting, variant, depth, gamma), rs in sorted(groups.items()):
         q_mean, q_std, _ = _mean_std([r.get("quality") for r in rs])
         l_mean, l_std, _ = _mean_std([r.get("final_loss") for r in rs])
+        a_mean, a_std, _ = _mean_std([(r.get("eval") or {}).get("class_accuracy") for r in rs])
         ratios = [math.log(x) for x in map(sensitivity_ratio, rs) if x]
         rows.append({"setting": setting, "variant": variant, "depth": depth, "gamma": gamma, "seeds": len(rs),
                      "diverged": sum(r["diverged"] for r in rs), "metric": rs[0]["metric"],
                      "quality_mean": q_mean, "quality_std": q_std, "loss_mean": l_mean, "loss_std": l_std,
+                     "class_accuracy_mean": a_mean, "class_accuracy_std": a_std,
                      "quality_floor": _mean_std([r.get("quality_floor") for r in rs])[0],
                      "sensitivity_ratio": math.exp(float(np.mean(ratios))) if ratios else math.nan,
                      "minutes_per_seed": float(np.mean([r["seconds"] for r in rs])) / 60})
@@ -59,11 +61,14 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 def format_rows(rows: list[dict]) -> str:
     """The summary as a Markdown table (mean +- std over seeds)."""
-    lines = ["| setting | variant | depth | gamma | quality (mean +- std) | floor | final loss | "
-             "sensitivity first/last unit | diverged |", "|---|---|---|---|---|---|---|---|---|"]
+    accuracy = any(math.isfinite(r["class_accuracy_mean"]) for r in rows)
+    lines = ["| setting | variant | depth | gamma | quality (mean +- std) | floor | "
+             + ("class accuracy | " if accuracy else "") + "final loss | sensitivity first/last unit | diverged |",
+             "|---|---|---|---|---|---|" + ("---|" if accuracy else "") + "---|---|---|"]
     for r in rows:
+        acc = f"{r['class_accuracy_mean']:.3f} +- {r['class_accuracy_std']:.3f} | " if accuracy else ""
         lines.append(f"| {r['setting']} | {r['variant']} | {r['depth']} | {r['gamma']:g} | "
-                     f"{r['quality_mean']:.4g} +- {r['quality_std']:.2g} | {r['quality_floor']:.3g} | "
+                     f"{r['quality_mean']:.4g} +- {r['quality_std']:.2g} | {r['quality_floor']:.3g} | {acc}"
                      f"{r['loss_mean']:.4f} +- {r['loss_std']:.4f} | {r['sensitivity_ratio']:.3g} | {r['diverged']}/{r['seeds']} |")
     return "\n".join(lines)
 
