@@ -32,6 +32,7 @@ def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     assert len(records) == 4 and not any(r["diverged"] for r in records)
     for r in records:
         assert [p["step"] for p in r["curve"]] == [2, 4] and all(p["loss"] > 0 for p in r["curve"])
+        assert 0 < r["curve"][0]["seconds"] < r["curve"][1]["seconds"] < r["seconds"]      # training time so far
         assert r["quality"] == r["curve"][-1]["quality"] == r["eval"]["fid"] and r["quality_floor"] >= 0
         assert len(r["sensitivity"]) >= 1 and all(len(v) == 2 * r["depth"] for v in r["sensitivity"].values())
         assert (tmp_path / "cells" / r["key"].replace("|", "_") / "samples").is_dir()
@@ -42,7 +43,8 @@ def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     assert len(csv) == 5 and all(line.startswith("digits-flow,") for line in csv[1:])
     plots = {p.name for p in (tmp_path / "plots").iterdir()}
     assert {"digits-flow_quality_vs_steps_gamma0.png", "digits-flow_quality_vs_depth_gamma0.png",
-            "digits-flow_sensitivity_gamma0.png", "digits-flow_gates_vs_time.png"} <= plots
+            "digits-flow_sensitivity_gamma0.png", "digits-flow_gates_vs_time.png",
+            "digits-flow_quality_vs_time_gamma0.png"} <= plots
     assert "| digits-flow | resnet | 2 | 0 |" in capsys.readouterr().out
     summary = (tmp_path / "summary.md").read_text()
     accuracies = [r["eval"]["class_accuracy"] for r in records if r["variant"] == "resnet" and r["depth"] == 2]

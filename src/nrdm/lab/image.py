@@ -120,16 +120,20 @@ class ImageCell:
 
 
 def _read_log(path: Path) -> dict:
-    """Curves from a run's JSONL log: loss at every logged step, FID at every evaluation,
-    adjoint norms at every diagnostics step."""
+    """Curves from a run's JSONL log: loss at every logged step, FID, class accuracy and the
+    training seconds so far at every evaluation, adjoint norms at every diagnostics step."""
     losses, curve, sensitivity, last_eval = {}, [], {}, None
+    seconds, last_step = 0.0, 0              # training wall-clock, summed from the logged windows
     for rec in (json.loads(line) for line in path.read_text().splitlines() if line.strip()):
         if "eval" in rec:
             last_eval = rec["eval"]
             curve.append({"step": rec["step"], "quality": rec["eval"]["fid"], "class_accuracy":
-                          rec["eval"].get("class_accuracy")})
+                          rec["eval"].get("class_accuracy"), "seconds": seconds})
         elif "loss" in rec and not rec.get("skipped") and not rec.get("diverged") and "event" not in rec:
             losses[rec["step"]] = rec["loss"]
+            if rec.get("steps_per_s"):
+                seconds += (rec["step"] - last_step) / rec["steps_per_s"]
+                last_step = rec["step"]
             if "diagnostics" in rec:
                 sensitivity[str(rec["step"])] = rec["diagnostics"]["adjoint_norm"]
     for point in curve:

@@ -122,6 +122,27 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
         fig.suptitle(f"{setting}: depth {deepest}, gamma {gamma:g} (mean +- std over seeds)")
         written.append(_save(fig, out_dir / f"{setting}_quality_vs_steps_gamma{gamma:g}.png"))
 
+    # 1b. FID and class accuracy against steps and against training seconds, every depth: the
+    # equal-wall-clock comparison (deeper or gated forms cost more per step)
+    if any(point.get("seconds") is not None for r in records for point in r["curve"]):
+        for gamma in gammas:
+            fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+            for v in variants:
+                for depth in sorted({r["depth"] for r in records}):
+                    rs = [r for r in records if r["variant"] == v and r["gamma"] == gamma and r["depth"] == depth]
+                    style = "o-" if depth == deepest else "s--"
+                    for row, field in enumerate(("quality", "class_accuracy")):
+                        for col, x_field in enumerate(("step", "seconds")):
+                            _curve(axes[row, col], rs, x_field, field, style, colors[v], f"{v} d{depth} ({len(rs)})")
+            for col, xlabel in enumerate(("training step", "training seconds (one process)")):
+                axes[0, col].set(xlabel=xlabel, ylabel=f"{metric} (lower is better)", yscale="log")
+                axes[1, col].set(xlabel=xlabel, ylabel="class accuracy of samples")
+                if math.isfinite(floor):
+                    axes[0, col].axhline(floor, ls="--", color="gray", label="real vs real")
+            axes[0, 1].legend(fontsize=6, ncol=2)
+            fig.suptitle(f"{setting}: quality against steps and wall-clock, gamma {gamma:g} (mean +- std over seeds)")
+            written.append(_save(fig, out_dir / f"{setting}_quality_vs_time_gamma{gamma:g}.png"))
+
     # 2. quality against depth
     rows = summarize(records)
     depths = sorted({r["depth"] for r in rows})
@@ -204,6 +225,23 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
                title=f"{setting}: gates vs diffusion time (depth {deepest})")
         written.append(_save(fig, out_dir / f"{setting}_gates_vs_time.png"))
     return written
+
+
+def _curve(ax, records, x_field: str, y_field: str, style: str, color, label: str) -> None:
+    """Mean +- std over seeds of y at each evaluation step, at x = the step or the mean over seeds
+    of the training seconds by then."""
+    ys, xs = defaultdict(list), defaultdict(list)
+    for r in records:
+        for point in r["curve"]:
+            ys[point["step"]].append(point.get(y_field))
+            xs[point["step"]].append(point.get(x_field))
+    steps = [s for s in sorted(ys) if _mean_std(ys[s])[2] and _mean_std(xs[s])[2]]
+    if not steps:
+        return
+    x = np.array([_mean_std(xs[s])[0] for s in steps])
+    m, sd = np.array([_mean_std(ys[s])[0] for s in steps]), np.array([_mean_std(ys[s])[1] for s in steps])
+    ax.plot(x, m, style, color=color, label=label, markersize=3)
+    ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.15)
 
 
 def _save(fig, path: Path) -> Path:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The training options against the plain loss at equal steps, 3 seeds, on the transformer presets
+# (opt-in; about 10 CPU-minutes per run). Each option is its own lab grid, so each has its own
+# summary (FID and class accuracy, mean +- std over seeds) in runs/options/<preset>-<option>/.
+#   bash benchmarks/training_options.sh digits-flow        # plain, min-snr, logit-normal, cosine
+#   SHARD=0/2 bash benchmarks/training_options.sh digits-uvit & SHARD=1/2 bash ...   # 2 processes
+set -euo pipefail
+PRESET=${1:-digits-flow}
+OUT=${OUT:-runs/options}
+SHARD=${SHARD:-0/1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+depth=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').model.depth)")
+steps=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').train.steps)")
+GRID=(--preset "$PRESET" --backbones preset --variants nrdm --depths "$depth" --gammas 0 --seeds 0 1 2
+      --steps "$steps" --eval-n 500 --eval-points 3 --no-progress --shard "$SHARD")
+declare -A OPTIONS=(
+  [plain]=""
+  [min-snr]="diffusion.min_snr_gamma=5"
+  [logit-normal]="diffusion.timestep_sampling=logit-normal"
+  [cosine]="train.lr_schedule=cosine"
+)
+for name in plain min-snr logit-normal cosine; do
+  sets=()
+  [[ -n "${OPTIONS[$name]}" ]] && sets=(--set "${OPTIONS[$name]}")
+  nrdm lab image --out "$OUT/$PRESET-$name" "${GRID[@]}" "${sets[@]}"
+done
