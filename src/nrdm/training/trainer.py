@@ -119,9 +119,6 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
 def lr_factor(tc, step: int) -> float:
     """lr(step) / train.lr: a linear warm-up over warmup_steps, then constant, or a cosine decay
     from lr at the end of the warm-up to min_lr at train.steps:
@@ -130,7 +127,7 @@ def lr_factor(tc, step: int) -> float:
     if step + 1 < warmup or tc.lr_schedule == "constant":
         return min(1.0, (step + 1) / warmup)
     progress = min(1.0, (step + 1 - warmup) / max(tc.steps - warmup, 1))
-    floor = tc.min_lr / tc.lr
+    floor = tc.min_lr / tc.lr if tc.lr else 0.0
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
