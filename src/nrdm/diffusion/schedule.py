@@ -55,8 +55,8 @@ class VPSchedule:
         """
         if self.prediction == "v":
             return self.num_timesteps - 1
-        return int((self.alphas_cumprod >= MIN_EPS_START_ABAR).nonzero().max()) if (
-            self.alphas_cumprod[0] >= MIN_EPS_START_ABAR) else self.num_timesteps - 1
+        invertible = int((self.alphas_cumprod >= MIN_EPS_START_ABAR).sum())     # abar decreases in n
+        return invertible - 1 if invertible else self.num_timesteps - 1
 
     @property
     def log_snr(self) -> torch.Tensor:

@@ -163,7 +163,7 @@ class LabelEmbedder(nn.Module):
     conditioning c = t_emb + y_emb feeds zero-initialised gate heads, and next to our time
     embedding (rms 0.14 at init) a class embedding of rms 0.02 is nearly invisible to them. With
     0.02 the digits flow transformer drew the asked class for 16% of samples after 500 steps,
-    with N(0, 1) for 99% (U-shaped: 94% -> 99.8%; docs/depth-study.md)."""
+    with N(0, 1) for 99% (U-shaped: 94% -> 99.8%; docs/design.md)."""
 
     def __init__(self, num_classes: int, width: int):
         super().__init__()
