@@ -48,3 +48,25 @@ def tiny_bert(tmp_path):
     transformers.BertModel(config).save_pretrained(path)
     write_tokenizer(path)
     return path
+
+
+@pytest.fixture
+def torchrun():
+    """run(cli_args, nproc=2): `python -m torch.distributed.run ... -m nrdm.cli *cli_args` on CPU
+    processes (gloo) on a free port; returns the CompletedProcess after asserting success."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def run(cli_args, nproc: int = 2, timeout: int = 300):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+                "-m", "nrdm.cli", *map(str, cli_args)]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+    return run

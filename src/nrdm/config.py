@@ -81,6 +81,8 @@ class DataConfig:
     vae: str | None = None                  # latent diffusion: diffusers AutoencoderKL path or hub name
     latent_channels: int = 4
     vae_downsample: int = 8
+    latent_sample: str = "mean"             # mean | posterior: extract the posterior mean or a seeded draw (DiT)
+    latent_flip: bool = False               # also store the latents of mirrored images (used by data.hflip)
 
 
 @dataclass
@@ -104,6 +106,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     keep_last: int = 2
+    keep_every: int = 0                     # also keep every checkpoint whose step is a multiple (0 = none)
     sample_every: int = 0                   # 0 = only at the end
     diagnostics_every: int = 0              # 0 = off
     eval_every: int = 0                     # 0 = off; metrics of the EMA weights with the domain network
@@ -121,6 +124,8 @@ class SampleConfig:
     cfg_scale: float = 1.0
     n: int = 100
     seed: int = 0
+    grid_classes: list[int] | None = None   # classes shown in grids (one per column); None: all up to 16
+                                            # classes, else 8 spread over the label range
 
 
 @dataclass

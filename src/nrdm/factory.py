@@ -10,7 +10,8 @@ import yaml
 from torch import nn
 
 from nrdm.config import Config
-from nrdm.data.datasets import TensorImages, data_shape
+from nrdm.data.datasets import data_shape
+from nrdm.data.latents import LatentShards, extract_latent_shards, source_fingerprint
 from nrdm.data.datasets import build_dataset as build_pixel_dataset
 from nrdm.diffusion import LossConfig, VPSchedule
 from nrdm.models import build_model
@@ -46,9 +47,15 @@ def _text_encoder(spec: str, tokens: int):
     return CachedTextEncoder(build_text_encoder(spec, max(tokens, 1)))
 
 
-def text_encoder(cfg: Config):
-    """The run's text encoder (a CachedTextEncoder; loaded once per process), or None."""
-    return _text_encoder(cfg.model.text_encoder, cfg.model.text_tokens) if cfg.model.text_encoder else None
+def text_encoder(cfg: Config, device: torch.device | str | None = None):
+    """The run's text encoder (a CachedTextEncoder; loaded once per process), or None; with
+    `device`, its network is moved there (embeddings are returned on the CPU either way)."""
+    if not cfg.model.text_encoder:
+        return None
+    cached = _text_encoder(cfg.model.text_encoder, cfg.model.text_tokens)
+    if device is not None:
+        cached.encoder.to(device)
+    return cached
 
 
 @functools.lru_cache(maxsize=2)
@@ -70,39 +77,45 @@ def latent_codec(data):
     return codec
 
 
-def build_dataset(data) -> torch.utils.data.Dataset:
-    """The training data of a DataConfig: pixels (nrdm.data.build_dataset), encoded by data.vae
-    when it is set."""
+def build_dataset(data, device: torch.device | str = "cpu", progress: bool = True) -> torch.utils.data.Dataset:
+    """The training data of a DataConfig: pixels (nrdm.data.build_dataset), or, when data.vae is
+    set, their latents read memory-mapped from the cache (extracted on first use on `device`)."""
     pixels = build_pixel_dataset(dataclasses.replace(data, vae=None))
-    return latent_dataset(data, pixels) if data.vae else pixels
+    return latent_dataset(data, pixels, device, progress=progress) if data.vae else pixels
 
 
-def latent_dataset(cfg, pixels) -> TensorImages:
-    """The dataset's images encoded by data.vae (cached under $NRDM_CACHE/latents, keyed by the
-    autoencoder, dataset, split and size): training then never touches the autoencoder."""
-    from nrdm.models.autoencoder import extract_latents
+def latent_dataset(data, pixels, device: torch.device | str = "cpu", batch_size: int = 64,
+                   shard_size: int = 16384, progress: bool = True) -> LatentShards:
+    """The dataset's latents under $NRDM_CACHE/latents/<key>/ (nrdm.data.latents), the key made of
+    dataset, split, size, autoencoder, options and the source's fingerprint: extracted once in
+    shards (by every process of a distributed run, each its share), then only read."""
+    codec = latent_codec(data).to(device)
+    rgb = getattr(pixels, "channels", 3) == 1 and codec.in_channels == 3     # grayscale data, RGB autoencoder
 
-    codec = latent_codec(cfg)
-    if hasattr(pixels, "batch"):
-        images, labels = pixels.batch(torch.arange(len(pixels)))
-    else:
-        items = [pixels[i] for i in range(len(pixels))]
-        images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-    if images.shape[1] == 1 and codec.in_channels == 3:
-        images = images.expand(-1, 3, *images.shape[2:])            # grayscale data, RGB autoencoder
-    key = f"{cfg.name}-{cfg.split}-{cfg.image_size}px-{codec.identity}".replace("/", "_").replace(":", "_")
-    latents = extract_latents(codec, images, cache_dir() / "latents" / f"{key}.pt")
-    out = TensorImages(latents, labels, pixels.num_classes, f"{pixels.name}-latents")
+    def encode(images, indices):
+        x = images.to(device)
+        x = x.expand(-1, 3, *x.shape[2:]) if rgb else x
+        return codec.encode(x, seeds=indices if data.latent_sample == "posterior" else None).cpu()
+
+    fingerprint = source_fingerprint(pixels)
+    options = data.latent_sample + ("-flip" if data.latent_flip else "")
+    key = (f"{data.name}-{data.split}-{data.image_size}px-{codec.identity}-{options}-{fingerprint[:16]}"
+           .replace("/", "_").replace(":", "_"))
+    identity = {"codec": codec.identity, "dataset": data.name, "split": data.split, "image_size": data.image_size,
+                "latent_sample": data.latent_sample, "source_sha256": fingerprint}
+    out = extract_latent_shards(pixels, encode, cache_dir() / "latents" / key, identity, shard_size, batch_size,
+                                data.num_workers, data.latent_flip, progress)
     for name in ("caption_table", "class_labels"):
         if hasattr(pixels, name):
             setattr(out, name, getattr(pixels, name))
     return out
 
 
-def output_kwargs(cfg: Config) -> dict:
-    """Keyword arguments for sampling.generate: latent models sample unclipped latents and decode."""
+def output_kwargs(cfg: Config, device: torch.device | str = "cpu") -> dict:
+    """Keyword arguments for sampling.generate: latent models sample unclipped latents and decode
+    them with the autoencoder, moved to the device the samples are on."""
     codec = latent_codec(cfg.data)
-    return {} if codec is None else {"clip_x0": None, "decode": codec.decode}
+    return {} if codec is None else {"clip_x0": None, "decode": codec.to(device).decode}
 
 
 def build_model_from_config(cfg: Config) -> nn.Module:
@@ -136,6 +149,7 @@ def validate(cfg: Config) -> None:
                                  ("train.parallel", t.parallel, ("ddp", "fsdp")),
                                  ("train.device", t.device, ("auto", "cpu", "cuda")),
                                  ("train.lr_schedule", t.lr_schedule, ("constant", "cosine")),
+                                 ("data.latent_sample", cfg.data.latent_sample, ("mean", "posterior")),
                                  ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -163,15 +177,13 @@ def validate(cfg: Config) -> None:
         raise ValueError("model.backbone=video needs video data (data.frames > 0, e.g. data.name=moving-digits)")
 
 
-def load_run(run_dir: str | Path, use_ema: bool = True):
-    """(config, model in eval mode, schedule, checkpoint dir) of a run's latest checkpoint."""
+def load_run(run_dir: str | Path, use_ema: bool = True, checkpoint: str | None = None):
+    """(config, model in eval mode, schedule, checkpoint dir) of a run's latest checkpoint, or of
+    `checkpoint` ("step-N", N or a path)."""
     from nrdm.config import from_dict
-    from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint
+    from nrdm.training.checkpoint import find_checkpoint, load_checkpoint
 
-    run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise ValueError(f"{run_dir} holds no checkpoint (expected {run_dir}/checkpoints/step-XXXXXXXX/)")
+    ckpt = find_checkpoint(run_dir, checkpoint)
     loaded = load_checkpoint(ckpt, weights_only=True)
     cfg = from_dict(yaml.safe_load(loaded["config_yaml"]))
     model = build_model_from_config(cfg)

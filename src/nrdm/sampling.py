@@ -1,6 +1,9 @@
 """Generating images from a trained backbone: noise -> sampler -> images in [-1, 1]."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,11 +22,24 @@ def class_prompts(dataset: str, labels: torch.Tensor) -> list[str]:
     return [class_caption(dataset, int(k)) for k in labels]
 
 
-def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None = None):
-    """(condition, classes, nrow) for n samples: balanced class labels for class-conditional
-    models; for text models the given prompts (cycled), or by default prompts naming the classes
-    of captioned digits/mnist/fashion (classes = those labels, for accuracy). nrow puts one
-    class (or prompt) per column."""
+def grid_classes(cfg, num_classes: int) -> list[int]:
+    """The classes a sample grid shows, one per column: sample.grid_classes, else every class of a
+    model with up to 16, else 8 spread evenly over the labels (a 1000-class grid stays 8 wide)."""
+    if cfg.sample.grid_classes:
+        bad = [k for k in cfg.sample.grid_classes if not 0 <= k < num_classes]
+        if bad:
+            raise ValueError(f"sample.grid_classes {bad} lie outside the model's classes 0..{num_classes - 1}")
+        return list(cfg.sample.grid_classes)
+    if num_classes <= 16:
+        return list(range(num_classes))
+    return [k * num_classes // 8 for k in range(8)]
+
+
+def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None = None, grid: bool = False):
+    """(condition, classes, nrow) for n samples: balanced class labels 0..K-1 for class-conditional
+    models (for a grid, the columns of `grid_classes`); for text models the given prompts (cycled),
+    or by default prompts naming the classes of captioned digits/mnist/fashion (classes = those
+    labels, for accuracy). nrow puts one class (or prompt) per column."""
     if getattr(model, "text_dim", 0):
         from nrdm.factory import text_encoder
         classes = None
@@ -33,36 +49,123 @@ def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None =
             classes = grid_labels(n, 10)
             prompts = class_prompts(cfg.data.name, torch.arange(10))
         ordered = [prompts[i % len(prompts)] for i in range(n)]
-        return text_encoder(cfg)(ordered), classes, min(len(prompts), n)
+        device = next(model.parameters()).device                   # the encoder follows the model
+        return text_encoder(cfg, device)(ordered), classes, min(len(prompts), n)
+    if grid and model.num_classes:
+        columns = torch.tensor(grid_classes(cfg, model.num_classes))
+        labels = columns[torch.arange(n) % len(columns)]
+        return labels, labels, len(columns)
     labels = grid_labels(n, model.num_classes)
     return labels, labels, model.num_classes or None
 
 
+def noise_seed(*key: int) -> int:
+    """A 64-bit generator seed from an integer key (seed, sample index, stream), by numpy's
+    SeedSequence: distinct keys give independent streams."""
+    return int(np.random.SeedSequence([k % 2 ** 63 for k in key]).generate_state(1, np.uint64)[0])
+
+
+def initial_noise(shape: tuple, seed: int, start: int, stop: int) -> torch.Tensor:
+    """x_T of samples start..stop-1, each from its own generator: sample i is the same whatever
+    batch or process draws it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, i, 0)))
+                        for i in range(start, stop)])
+
+
+def chunks(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+    """The (start, stop) sample ranges this process generates: chunk c = [cB, (c+1)B) goes to
+    process c mod world_size, so the union over processes is 0..n-1 for any world size."""
+    return [(a, min(a + batch_size, n)) for c, a in enumerate(range(0, n, batch_size)) if c % world_size == rank]
+
+
 @torch.no_grad()
+def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
+                    sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0,
+                    seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
+                    clip_x0: float | None = 1.0, decode=None, rank: int = 0, world_size: int = 1, skip=None):
+    """Yields (start, samples in [-1, 1] on the CPU) for this process's chunks of n samples (see
+    `chunks`). The noise of chunk [a, b) depends only on (seed, a, b): any world size gives the
+    same samples, and so does any batch size for the deterministic samplers. skip(start, stop) ->
+    True leaves a chunk out (e.g. one already on disk)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start, stop in chunks(n, batch_size, rank, world_size):
+            if skip is not None and skip(start, stop):
+                continue
+            y = take(labels, start, stop).to(device) if labels is not None else None
+            eps_fn = eps_predictor(model, schedule, y, cfg_scale)
+            extra = {"eta": eta} if sampler == "ddim" else {}
+            gen = torch.Generator().manual_seed(noise_seed(seed, start, 1))
+            x_T = initial_noise(tuple(model.sample_shape), seed, start, stop).to(device)
+            x = sample(eps_fn, x_T, schedule, sampler, steps, generator=gen, progress=progress, clip_x0=clip_x0,
+                       **extra)
+            yield start, (decode(x) if decode is not None else x).clamp(-1, 1).cpu()
+    finally:
+        model.train(was_training)
+
+
 def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
              sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0,
              batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
              clip_x0: float | None = 1.0, decode=None) -> torch.Tensor:
-    """n samples (n, *model.sample_shape), i.e. (n, C, H, W) or (n, C, F, H, W), in [-1, 1]. The
-    initial noise and the samplers' noise come from CPU generators seeded by `seed`, so results do
-    not depend on the device or batch size (up to floating-point differences between devices).
-    clip_x0 = 1 keeps the sampler's data prediction in the pixel range [-1, 1]. Latent models pass
-    clip_x0=None and `decode` (latents -> pixels, per batch): see factory.output_kwargs."""
-    was_training = model.training
-    model.eval()
-    x_T = torch.randn((n, *model.sample_shape), generator=torch.Generator().manual_seed(seed))
-    out = []
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        y = take(labels, start, stop).to(device) if labels is not None else None
-        eps_fn = eps_predictor(model, schedule, y, cfg_scale)
-        extra = {"eta": eta} if sampler == "ddim" else {}
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        x = sample(eps_fn, x_T[start:stop].to(device), schedule, sampler, steps, generator=gen,
-                   progress=progress, clip_x0=clip_x0, **extra)
-        out.append((decode(x) if decode is not None else x).clamp(-1, 1).cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    """n samples (n, *model.sample_shape), i.e. (n, C, H, W) or (n, C, F, H, W), in [-1, 1], in one
+    process. The noise comes from CPU generators (see generate_chunks), so results do not depend
+    on the device (up to floating-point differences between devices). clip_x0 = 1 keeps the
+    sampler's data prediction in the pixel range [-1, 1]. Latent models pass clip_x0=None and
+    `decode` (latents -> pixels, per batch): see factory.output_kwargs."""
+    return torch.cat([x for _, x in generate_chunks(model, schedule, n, labels, sampler, steps, cfg_scale, eta, seed,
+                                                     batch_size, device, progress, clip_x0, decode)])
+
+
+def save_chunk(samples: torch.Tensor, start: int, parts_dir: Path, png_dir: Path | None = None) -> None:
+    """One generated chunk on disk: uint8 rows in parts_dir/<start>.npy (renamed into place when
+    complete, so its presence means done) and, for images, <index>.png files in png_dir."""
+    from PIL import Image
+
+    from nrdm.utils.images import to_uint8
+
+    pixels = to_uint8(samples)
+    if png_dir is not None:
+        if samples.ndim != 4:
+            raise ValueError("PNG folders hold images; for a video model write an .npz (--npz)")
+        png_dir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(pixels):
+            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(png_dir / f"{start + i:06d}.png")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    tmp = parts_dir / f"{start:08d}.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, pixels)
+    tmp.replace(parts_dir / f"{start:08d}.npy")
+
+
+def assemble_npz(parts_dir: Path, n: int, path: Path, labels: torch.Tensor | None = None) -> Path:
+    """The chunks in parts_dir -> one ADM-style .npz (arr_0: uint8 samples, arr_1: class labels
+    when there are any), streamed through a memory-mapped array so that no process holds the set;
+    then parts_dir is removed."""
+    import shutil
+
+    starts = sorted(int(p.stem) for p in parts_dir.glob("*.npy"))
+    first = np.load(parts_dir / f"{starts[0]:08d}.npy", mmap_mode="r")
+    staging = path.with_name(path.name + ".staging.npy")
+    table = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8, shape=(n, *first.shape[1:]))
+    filled = 0
+    for start in starts:
+        part = np.load(parts_dir / f"{start:08d}.npy")
+        table[start:start + len(part)] = part
+        filled += len(part)
+    if filled != n:
+        raise RuntimeError(f"{parts_dir} holds {filled} of {n} samples; run the command again to finish")
+    arrays = {"arr_0": table}
+    if labels is not None:
+        arrays["arr_1"] = labels.numpy()
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    del table
+    staging.unlink()
+    shutil.rmtree(parts_dir)
+    return path
 
 
 def save_samples(samples: torch.Tensor, path, nrow: int | None = None, scale: int | None = None,

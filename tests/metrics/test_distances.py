@@ -63,3 +63,17 @@ def test_precision_recall_on_constructed_sets():
     assert precision_recall(grid, grid, k=3) == (1.0, 1.0)
     with pytest.raises(ValueError, match="more than 3 samples"):
         precision_recall(grid[:3], grid, k=3)
+
+
+def test_running_statistics_equal_the_one_shot_computation():
+    from nrdm.metrics.distances import RunningStats
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6)) + 3.0
+    one = GaussianStats.of(x)
+    parts = [RunningStats().update(x[:123]), RunningStats().update(x[123:400]), RunningStats().update(x[400:])]
+    streamed = parts[0].merge(parts[1]).merge(parts[2]).result()
+    np.testing.assert_allclose(streamed.mu, one.mu, rtol=1e-12)
+    np.testing.assert_allclose(streamed.sigma, one.sigma, rtol=1e-9, atol=1e-12)
+    assert streamed.n == 500
+    y = rng.normal(size=(300, 6))
+    assert frechet_distance(streamed, GaussianStats.of(y)) == pytest.approx(frechet_distance(one, GaussianStats.of(y)))

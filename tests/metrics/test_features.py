@@ -25,6 +25,23 @@ class FakeInception(nn.Module):
         return self.proj(x).softmax(-1)                     # (N, 4) "probabilities"
 
 
+class FakeLayeredInception(FakeInception):
+    """A stand-in with the published file's layer names up to mixed_6.conv (1x1 convs and pools
+    whose shapes lead to the 17 x 17 map of a 299 x 299 input)."""
+
+    def __init__(self):
+        super().__init__()
+        layers = nn.Module()
+        for name in ("conv", "conv_1", "conv_2", "conv_3", "conv_4", "mixed", "mixed_1", "mixed_2", "mixed_3",
+                     "mixed_4"):
+            setattr(layers, name, nn.Conv2d(3, 3, 1))
+        layers.pool0, layers.pool1 = nn.MaxPool2d(3, 2), nn.MaxPool2d(3, 2)     # 299 -> 149 -> 74
+        layers.mixed_5 = nn.Sequential(nn.MaxPool2d(3, 2), nn.MaxPool2d(3, 2))  # 74 -> 36 -> 17
+        layers.mixed_6 = nn.Module()
+        layers.mixed_6.conv = nn.Conv2d(3, 9, 1)
+        self.layers = layers
+
+
 class FakeI3D(nn.Module):
     def forward(self, videos: torch.Tensor, rescale: bool = False, resize: bool = False,
                 return_features: bool = False) -> torch.Tensor:
@@ -42,6 +59,28 @@ def test_torchscript_inception_path(tmp_path, monkeypatch):
     assert net.content_hash == hashlib.sha256(path.read_bytes()).hexdigest()
     monkeypatch.setenv("NRDM_INCEPTION", str(path))
     assert TorchScriptInception().content_hash == net.content_hash
+
+
+def test_inception_spatial_features_follow_adm(tmp_path):
+    """sFID features: mixed_6/conv's first 7 channels, flattened height-width-channel, of the
+    input resampled to 299 as the network's own forward does; absent without those layers."""
+    torch.manual_seed(0)
+    fake = FakeLayeredInception()
+    path = tmp_path / "inception.pt"
+    torch.jit.script(fake).save(str(path))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    spatial = TorchScriptInception(path)(images)["spatial"]
+    assert spatial.shape == (2, 17 * 17 * 7)
+    x = ((images + 1) * 127.5).round()
+    x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    x = (x - 128) / 128
+    layers = fake.layers
+    for name in TorchScriptInception.SPATIAL_PATH:
+        x = getattr(layers, name)(x)
+    x = layers.mixed_6.conv(x)[:, :7]
+    torch.testing.assert_close(torch.from_numpy(spatial).view(2, 17, 17, 7), x.permute(0, 2, 3, 1), atol=0.05, rtol=0.05)
+    torch.jit.script(FakeInception()).save(str(tmp_path / "plain.pt"))
+    assert "spatial" not in TorchScriptInception(tmp_path / "plain.pt")(images)
 
 
 def test_torchscript_i3d_path(tmp_path):

@@ -1,9 +1,9 @@
 """Latent pipeline: a tiny randomly initialised diffusers AutoencoderKL (built by the test) and the
-project's own small autoencoder behind one interface; extraction shapes and cache reuse."""
+project's own small autoencoder behind one interface; posterior draws; clips frame by frame."""
 import pytest
 import torch
 
-from nrdm.models.autoencoder import SmallAutoencoder, build_codec, extract_latents
+from nrdm.models.autoencoder import SmallAutoencoder, build_codec
 
 
 @pytest.fixture
@@ -28,21 +28,20 @@ def test_diffusers_vae_round_trip_shapes_and_scaling(tiny_vae_dir):
     assert out.shape == x.shape and out.abs().max() <= 1
 
 
-def test_latent_cache_is_reused_only_for_the_same_codec_and_images(tiny_vae_dir, tmp_path):
+def test_posterior_draws_are_seeded_per_sample(tiny_vae_dir):
+    """seeds: z = scale * (mean + std * noise), sample i's noise from its own seed, so a draw does
+    not depend on the batch it is in; a deterministic encoder refuses."""
     codec = build_codec(str(tiny_vae_dir))
-    images = torch.rand(5, 3, 16, 16) * 2 - 1
-    cache = tmp_path / "latents.pt"
-    first = extract_latents(codec, images, cache, batch_size=2, progress=False)
-    calls = []
-    real = codec._encode
-    codec._encode = lambda x: (calls.append(len(x)), real(x))[1]
-    torch.testing.assert_close(extract_latents(codec, images, cache, progress=False), first)
-    assert calls == []                                                  # served from the cache
-    extract_latents(codec, images[:4], cache, batch_size=4, progress=False)
-    assert calls == [4]                                                 # other images: re-encoded
-    codec.identity = "another codec"
-    extract_latents(codec, images[:4], cache, batch_size=4, progress=False)
-    assert calls == [4, 4]
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    seeds = torch.tensor([5, 6, 7])
+    z = codec.encode(x, seeds=seeds)
+    posterior = codec.vae.encode(x).latent_dist
+    noise = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(7 * 4096))
+    torch.testing.assert_close(z[2], 0.5 * (posterior.mean[2] + posterior.std[2] * noise))
+    torch.testing.assert_close(codec.encode(x[1:], seeds=seeds[1:]), z[1:])
+    assert not torch.allclose(z, codec.encode(x))
+    with pytest.raises(ValueError, match="deterministic: it has no posterior"):
+        SmallAutoencoder(3, 2, 8, 1).encode(x, seeds=seeds)
 
 
 def test_small_autoencoder_trains_saves_and_loads(tmp_path):
@@ -50,7 +49,7 @@ def test_small_autoencoder_trains_saves_and_loads(tmp_path):
     images = load_digits_dataset(16).images[:256]
     ae = SmallAutoencoder(in_channels=1, latent_channels=2, width=8, levels=1)
     with torch.no_grad():
-        before = float((ae._decode(ae._encode(images)) - images).pow(2).mean())
+        before = float((ae.decoder(ae.encoder(images)) - images).pow(2).mean())
     stats = ae.fit(images, epochs=3, batch_size=64, progress=False)
     assert stats["mse"] < before / 2
     codec = build_codec(str(ae.save(tmp_path / "ae")))
@@ -72,7 +71,11 @@ def test_clips_are_encoded_and_decoded_frame_by_frame(tmp_path):
     decoded = codec.decode(latents)
     assert decoded.shape == clips.shape
     torch.testing.assert_close(decoded[1, :, 4], codec.decode(latents[1:2, :, 4])[0])
-    extracted = extract_latents(codec, clips, tmp_path / "c.pt", batch_size=10, progress=False)   # 2 clips a batch
-    torch.testing.assert_close(extracted, latents)
+    from nrdm.data.datasets import TensorImages
+    from nrdm.data.latents import extract_latent_shards
+    stored = extract_latent_shards(TensorImages(clips, torch.zeros(3), 1, "clips"), lambda x, i: codec.encode(x),
+                                   tmp_path / "c", {}, shard_size=2, batch_size=2, progress=False)
+    assert stored.num_frames == 5
+    torch.testing.assert_close(stored.batch(torch.arange(3))[0], latents)
     with pytest.raises(ValueError, match=r"expected images \(B, C, H, W\) or clips \(B, C, F, H, W\)"):
         codec.encode(clips[0, 0])

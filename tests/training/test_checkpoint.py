@@ -6,10 +6,10 @@ from nrdm.training import checkpoint as ckpt_mod
 from nrdm.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
-def save(run, step, value=1.0, keep=2):
+def save(run, step, value=1.0, keep=2, keep_every=0):
     state = {"w": torch.full((3, 2), value)}
     return save_checkpoint(run, step, state, {"w": state["w"] * 2}, {"step": step, "optimizer": {"lr": 0.1}},
-                           "train:\n  steps: 9\n", keep_last=keep)
+                           "train:\n  steps: 9\n", keep_last=keep, keep_every=keep_every)
 
 
 def test_round_trip_and_keep_last(tmp_path):
@@ -20,6 +20,23 @@ def test_round_trip_and_keep_last(tmp_path):
     assert torch.equal(loaded["model"]["w"], torch.full((3, 2), 3.0))
     assert torch.equal(loaded["ema"]["w"], torch.full((3, 2), 6.0))
     assert loaded["state"]["step"] == 3 and "steps: 9" in loaded["config_yaml"]
+
+
+def test_keep_every_keeps_the_multiples_besides_the_last(tmp_path):
+    for step in range(1, 11):
+        save(tmp_path, step, keep=2, keep_every=4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000008", "step-00000009",
+                                                            "step-00000010"]
+
+
+def test_a_checkpoint_is_found_by_step_or_path(tmp_path):
+    for step in (3, 6):
+        save(tmp_path, step)
+    assert ckpt_mod.find_checkpoint(tmp_path).name == "step-00000006"
+    assert ckpt_mod.find_checkpoint(tmp_path, "step-3").name == ckpt_mod.find_checkpoint(tmp_path, "3").name == "step-00000003"
+    assert ckpt_mod.find_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-00000006")).name == "step-00000006"
+    with pytest.raises(ValueError, match=r"no checkpoint 'step-4' in .* \(it has: step-00000003, step-00000006\)"):
+        ckpt_mod.find_checkpoint(tmp_path, "step-4")
 
 
 def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):

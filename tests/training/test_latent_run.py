@@ -3,6 +3,7 @@ latents (cached), train on them with the usual trainer, decode at sampling and e
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from nrdm.cli import main as cli_main
@@ -21,7 +22,8 @@ def test_autoencoder_latents_train_sample_eval(tmp_path, monkeypatch, tiny_overr
     cached = list((tmp_path / "cache" / "latents").iterdir())
     assert len(cached) == 2                                          # train and test splits
     data = build_dataset(load_config("digits", latent).data)         # served from the cache
-    assert data.images.shape == (1797, 2, 8, 8) and abs(float(data.images.std()) - 1) < 0.1
+    latents = data.batch(torch.arange(len(data)))[0]
+    assert latents.shape == (1797, 2, 8, 8) and abs(float(latents.std()) - 1) < 0.1
 
     run = tmp_path / "run"
     sets = [a for o in tiny_overrides + latent + ["train.steps=2", "model.channel_mult=[1]"] for a in ("--set", o)]

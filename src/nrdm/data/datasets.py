@@ -175,6 +175,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
 DATASETS = ("digits", "mnist", "fashion", "folder", "captions", "moving-digits", "video-folder")
 VIDEO_DATASETS = ("moving-digits", "video-folder")
+WITH_TEST_SPLIT = ("digits", "mnist", "fashion", "moving-digits")    # the others are one set of files
+
+
+def held_out_split(cfg) -> str | None:
+    """The dataset's held-out split ("test"), or None when it has none (a folder is one set of
+    images: its "test" would be the same images again)."""
+    return "test" if cfg.name in WITH_TEST_SPLIT else None
 
 
 def check_video(cfg) -> None:

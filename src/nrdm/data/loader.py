@@ -62,9 +62,12 @@ class BatchStream:
         indices = global_batch_indices(len(self.dataset), self.global_batch, self.seed, step)
         lo = self.rank * self.per_rank
         mine = indices[lo:lo + self.per_rank]
-        images, labels = self._fetch(mine)
-        if self.hflip:
-            flip = flip_mask(self.global_batch, self.seed, step)[lo:lo + self.per_rank]
-            flip = flip.view(-1, *[1] * (images.ndim - 1))             # images (B, C, H, W) or clips (B, C, F, H, W)
-            images = torch.where(flip, images.flip(-1), images)
+        flip = flip_mask(self.global_batch, self.seed, step)[lo:lo + self.per_rank] if self.hflip else None
+        if flip is not None and getattr(self.dataset, "has_flipped", False):
+            images, labels = self.dataset.batch(mine, flip)            # latents extracted from mirrored images
+        else:
+            images, labels = self._fetch(mine)
+            if flip is not None:
+                flip = flip.view(-1, *[1] * (images.ndim - 1))         # images (B, C, H, W) or clips (B, C, F, H, W)
+                images = torch.where(flip, images.flip(-1), images)
         return [(images[i:i + self.micro], labels[i:i + self.micro]) for i in range(0, self.per_rank, self.micro)]

@@ -25,6 +25,37 @@ class GaussianStats:
         return cls(features.mean(0), np.cov(features, rowvar=False), len(features))
 
 
+class RunningStats:
+    """Mean and covariance accumulated over batches of features (sums in float64), so a Frechet
+    distance never needs the whole feature set; `merge` adds another accumulator."""
+
+    def __init__(self, dim: int | None = None):
+        self.n, self.total, self.outer = 0, None, None
+
+    def update(self, features: np.ndarray) -> "RunningStats":
+        x = np.asarray(features, np.float64).reshape(len(features), -1)
+        if self.total is None:
+            self.total, self.outer = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+        self.n += len(x)
+        self.total += x.sum(0)
+        self.outer += x.T @ x
+        return self
+
+    def merge(self, other: "RunningStats") -> "RunningStats":
+        if other.total is not None:
+            if self.total is None:
+                self.total, self.outer = np.zeros_like(other.total), np.zeros_like(other.outer)
+            self.n, self.total, self.outer = self.n + other.n, self.total + other.total, self.outer + other.outer
+        return self
+
+    def result(self) -> GaussianStats:
+        """sigma = (sum x x^T - n mu mu^T) / (n - 1), the unbiased covariance as np.cov."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.n}")
+        mu = self.total / self.n
+        return GaussianStats(mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1), self.n)
+
+
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the matrix root by scipy.
 

@@ -89,13 +89,41 @@ class TorchScriptInception(_TorchScriptNetwork):
     kind, env, source = "image", INCEPTION_ENV, INCEPTION_SOURCE
     what, prefix = "Inception-v3 TorchScript file", "inception-v3-torchscript"
 
+    SPATIAL_PATH = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+                    "mixed_3", "mixed_4", "mixed_5")
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """images (N, C, H, W) in [-1, 1] -> uint8 RGB, as the network expects."""
         x = ((_to_rgb(images).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(self.device)
         pool = self.net(x, return_features=True)
         probs = self.net(x, no_output_bias=True)
-        return {"pool": pool.float().cpu().numpy(), "probs": probs.float().cpu().numpy()}
+        out = {"pool": pool.float().cpu().numpy(), "probs": probs.float().cpu().numpy()}
+        spatial = self.spatial(x)
+        if spatial is not None:
+            out["spatial"] = spatial.float().cpu().numpy()
+        return out
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor | None:
+        """ADM's sFID features: the first 7 channels of mixed_6/conv (17 x 17 x 7 = 2,023-D, flattened
+        height-width-channel as ADM's NHWC graph does, so ADM's mu_s / sigma_s apply). The input is
+        prepared as the network's own forward does: resampled to 299 x 299 with TF's pixel grid
+        (bilinear, edge clamped), then (x - 128) / 128. None if the file lacks these layers."""
+        layers = getattr(self.net, "layers", None)
+        if layers is None or not all(hasattr(layers, name) for name in (*self.SPATIAL_PATH, "mixed_6")):
+            return None
+        h = x.float()
+        n, c, height, width = h.shape
+        theta = torch.eye(2, 3, device=h.device)
+        theta[0, 2] += 1 / width - 1 / 299                       # TF's resize_bilinear sample positions
+        theta[1, 2] += 1 / height - 1 / 299
+        grid = torch.nn.functional.affine_grid(theta.expand(n, 2, 3), [n, c, 299, 299], align_corners=False)
+        h = torch.nn.functional.grid_sample(h, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        h = (h - 128) / 128
+        for name in self.SPATIAL_PATH:
+            h = getattr(layers, name)(h)
+        h = layers.mixed_6.conv(h)                               # (N, 192, 17, 17)
+        return h[:, :7].permute(0, 2, 3, 1).flatten(1)
 
 
 class TorchScriptI3D(_TorchScriptNetwork):
@@ -118,18 +146,19 @@ class DomainNetwork:
     'probs' = softmax over the dataset's classes, 'spatial' = the first 7 channels of its last
     feature map (the sFID recipe, on this network)."""
 
-    def __init__(self, model: SmallCNN, name: str, content_hash: str, meta: dict):
-        self.model, self.name, self.content_hash, self.meta = model.eval(), name, content_hash, meta
+    def __init__(self, model: SmallCNN, name: str, content_hash: str, meta: dict, device="cpu"):
+        self.model, self.name, self.content_hash, self.meta = model.eval().to(device), name, content_hash, meta
         self.kind = "video" if model.video else "image"
+        self.device = torch.device(device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        fmap = self.model.features[:-2](images.float())                  # (N, 128, [F,] h, w) before pooling
+        fmap = self.model.features[:-2](images.float().to(self.device))   # (N, 128, [F,] h, w) before pooling
         pool = self.model.features[-2:](fmap)                            # (N, 128)
         probs = self.model.head(pool).softmax(-1)
-        out = {"pool": pool.numpy(), "probs": probs.numpy()}
+        out = {"pool": pool.cpu().numpy(), "probs": probs.cpu().numpy()}
         if not self.model.video:
-            out["spatial"] = fmap[:, :7].flatten(1).numpy()
+            out["spatial"] = fmap[:, :7].flatten(1).cpu().numpy()
         return out
 
     @property
@@ -137,7 +166,7 @@ class DomainNetwork:
         return self.model.head.out_features
 
 
-def domain_network(data_cfg, epochs: int | None = None, progress: bool = True) -> DomainNetwork:
+def domain_network(data_cfg, epochs: int | None = None, progress: bool = True, device="cpu") -> DomainNetwork:
     """The cached domain network for a dataset config (digits, mnist, fashion), trained on its
     train split on first use (deterministic, seconds to minutes on a CPU). epochs=None: about
     30k images' worth of training, 3 to 15 epochs (digits 15, Fashion-MNIST 3)."""
@@ -176,4 +205,4 @@ def domain_network(data_cfg, epochs: int | None = None, progress: bool = True) -
     meta = json.loads(meta_file.read_text())
     model = SmallCNN(meta["in_channels"], meta["num_classes"], video=meta.get("video", False))
     model.load_state_dict(load_file(str(weights)))
-    return DomainNetwork(model, f"domain:{key}", file_hash(weights), meta)
+    return DomainNetwork(model, f"domain:{key}", file_hash(weights), meta, device)

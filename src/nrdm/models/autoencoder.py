@@ -7,8 +7,10 @@
     z = codec.encode(clips)                               # (B, C, F, H, W): frame by frame -> (B, c, F, h, w)
 
 Latents are scaled so they have roughly unit variance (SD-VAE: z = scaling_factor * mean), the
-scale the diffusion schedule expects. Encoding takes the posterior mean, so extracted latents are
-deterministic and cacheable.
+scale the diffusion schedule expects. Encoding takes the posterior mean by default, so extracted
+latents are deterministic; `encode(images, seeds=...)` draws from the posterior instead (DiT's
+`latent_dist.sample()`), its noise seeded per sample so that it is reproducible as well. Storing
+latents on disk is nrdm.data.latents.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from nrdm.utils.optional import loading, require
 
 
 class LatentCodec(nn.Module):
-    """Base: subclasses set latent_channels, downsample, identity; implement _encode/_decode on
-    unscaled latents. The scaling (z = scale * (latent - shift)) lives here."""
+    """Base: subclasses set latent_channels, downsample, identity; implement _moments (images ->
+    posterior mean and std, std None for a deterministic encoder) and _decode on unscaled latents.
+    The scaling (z = scale * (latent - shift)) lives here."""
 
     in_channels: int
     latent_channels: int
@@ -35,8 +38,26 @@ class LatentCodec(nn.Module):
     shift: float = 0.0
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return per_frame(lambda x: (self._encode(x) - self.shift) * self.scale, images)   # (B, c, [F,] H/f, W/f)
+    def encode(self, images: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, [F,] H, W) in [-1, 1] -> scaled latents (B, c, [F,] H/f, W/f): the posterior mean, or
+        with seeds (one int per sample) mean + std * noise, the noise of frame f of sample i drawn
+        from a generator seeded by seeds[i] * 4096 + f."""
+        frames = images.shape[2] if images.dim() == 5 else 1
+        frame_seeds = None if seeds is None else (torch.as_tensor(seeds).long()[:, None] * 4096
+                                                  + torch.arange(frames)).flatten()
+
+        def encode_frames(x):
+            mean, std = self._moments(x)
+            if frame_seeds is not None:
+                if std is None:
+                    raise ValueError(f"{self.identity} is deterministic: it has no posterior to sample "
+                                     f"(use data.latent_sample=mean)")
+                noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                                     for s in frame_seeds])
+                mean = mean + std * noise.to(mean)
+            return (mean - self.shift) * self.scale
+
+        return per_frame(encode_frames, images)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -72,8 +93,9 @@ class DiffusersVAE(LatentCodec):
         self.shift = float(getattr(config, "shift_factor", None) or 0.0)
         self.identity = f"diffusers:{name_or_path}{'/' + subfolder if subfolder else ''}"
 
-    def _encode(self, images):
-        return self.vae.encode(images).latent_dist.mean
+    def _moments(self, images):
+        posterior = self.vae.encode(images).latent_dist
+        return posterior.mean, posterior.std
 
     def _decode(self, latents):
         return self.vae.decode(latents).sample
@@ -99,8 +121,8 @@ class SmallAutoencoder(LatentCodec):
                                      nn.Conv2d(width, in_channels, 3, padding=1))
         self.identity = "small-autoencoder:untrained"
 
-    def _encode(self, images):
-        return self.encoder(images)
+    def _moments(self, images):
+        return self.encoder(images), None               # deterministic: no posterior spread
 
     def _decode(self, latents):
         return self.decoder(latents)
@@ -164,25 +186,3 @@ def build_codec(spec: str, subfolder: str | None = None) -> LatentCodec:
     if (Path(spec) / "autoencoder.json").is_file():
         return SmallAutoencoder.load(spec)
     return DiffusersVAE(spec, subfolder)
-
-
-def extract_latents(codec: LatentCodec, images: torch.Tensor, cache: str | Path | None = None,
-                    batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """Encode images (N, C, H, W) or clips (N, C, F, H, W) in batches of `batch_size` frames with
-    a progress bar. With `cache` (a .pt path), reuse the file when it was written by the same codec
-    for the same images, else (re)write it."""
-    fingerprint = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16] + f"-{tuple(images.shape)}"
-    if cache is not None and Path(cache).is_file():
-        saved = torch.load(cache, weights_only=True)
-        if saved.get("codec") == codec.identity and saved.get("images") == fingerprint:
-            return saved["latents"]
-    step = max(1, batch_size // images.shape[2]) if images.dim() == 5 else batch_size    # clips per batch
-    latents = torch.cat([codec.encode(images[i:i + step])
-                         for i in tqdm(range(0, len(images), step), desc="latents", disable=not progress)])
-    if cache is not None:
-        cache = Path(cache)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        torch.save({"codec": codec.identity, "images": fingerprint, "latents": latents}, tmp)
-        tmp.replace(cache)
-    return latents

@@ -120,7 +120,7 @@ class TransformersText(TextEncoder):
 
     def _encode(self, captions):
         batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt")
+                               return_tensors="pt").to(self.model.device)
         out = self.model(**batch)
         hidden, mask = out.last_hidden_state, batch["attention_mask"].bool()
         pooled = getattr(out, "pooler_output", None)

@@ -8,7 +8,8 @@
 
 A checkpoint is first written to `step-XXXXXXXX.tmp/`, flushed to disk, then renamed: a crash at
 any point leaves either the complete new checkpoint or none, never a half-written one, and the
-previous checkpoints stay untouched. Only the newest `keep_last` are kept.
+previous checkpoints stay untouched. The newest `keep_last` are kept, and with `keep_every` = K
+also every checkpoint whose step is a multiple of K (the points of a quality-against-step curve).
 """
 from __future__ import annotations
 
@@ -51,8 +52,26 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def find_checkpoint(run_dir: str | Path, which: str | None = None) -> Path:
+    """A run's checkpoint by name: None = the latest, "step-N" / "N" = the one of step N, or a path."""
+    run_dir = Path(run_dir)
+    if which is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise ValueError(f"{run_dir} holds no checkpoint (expected {run_dir}/{CHECKPOINT_DIR}/step-XXXXXXXX/)")
+        return found
+    if Path(which).is_dir():
+        return Path(which)
+    digits = which.removeprefix("step-")
+    path = run_dir / CHECKPOINT_DIR / f"step-{int(digits):08d}" if digits.isdigit() else None
+    if path is None or not path.is_dir():
+        names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+        raise ValueError(f"no checkpoint {which!r} in {run_dir} (it has: {names})")
+    return path
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
-                    config_yaml: str, keep_last: int = 2) -> Path:
+                    config_yaml: str, keep_last: int = 2, keep_every: int = 0) -> Path:
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -73,7 +92,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
     os.rename(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if not (keep_every and int(_NAME.match(old.name).group(1)) % keep_every == 0):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -45,7 +45,8 @@ from nrdm.training.ema import EMA
 # config keys that may change when a run is resumed: the budget, logging and sampling, and what
 # changes how, not what, is computed (compilation, activation recomputation, the device, where
 # the data lives, loader workers)
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_every",
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.keep_every",
+                     "train.sample_every",
                      "train.diagnostics_every", "train.eval_every", "train.eval_n", "train.max_bad_steps",
                      "train.divergence_factor", "train.compile", "train.device", "model.grad_checkpointing",
                      "data.num_workers", "data.root", "sample.")
@@ -175,7 +176,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         (out / "config.yaml").write_text(cfg.to_yaml())
     barrier(env)
 
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, env.device, progress=progress and env.is_main)
     expected = data_shape(cfg.data)
     frames = getattr(dataset, "num_frames", 0)
     if (dataset.channels, dataset.image_size, frames) != (*expected[:2], cfg.data.frames):
@@ -188,7 +189,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                          f"fix data.num_classes")
     schedule = build_schedule(cfg)
     loss_cfg = build_loss_config(cfg)
-    encoder = text_encoder(cfg)
+    encoder = text_encoder(cfg, env.device)
     caption_embeddings = None                   # text models: every caption of the data, encoded once
     prompts = None                              # grids of a caption-file model: its first captions
     if encoder is not None:
@@ -338,7 +339,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                                  "scaler": scaler.state_dict() if scaler is not None else {}, "bad_steps": bad_steps,
                                  "divergence": monitor.state_dict() if monitor is not None else {},
                                  "seed": tc.seed, "world_size": env.world_size},
-                                cfg.to_yaml(), tc.keep_last)
+                                cfg.to_yaml(), tc.keep_last, tc.keep_every)
             barrier(env)
         if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device, prompts)
@@ -360,9 +361,9 @@ def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device,
     """A grid of cfg.sample.n samples from fixed seeds (GIF/MP4/PNG for video); class-conditional
     models get one class per column (labels 0..K-1 repeated)."""
     s = cfg.sample
-    condition, _, nrow = sample_conditions(model, cfg, s.n, prompts)
+    condition, _, nrow = sample_conditions(model, cfg, s.n, prompts, grid=True)
     images = generate(model, schedule, s.n, condition, s.sampler, s.steps, s.cfg_scale, s.eta, s.seed, device=device,
-                      **output_kwargs(cfg))
+                      **output_kwargs(cfg, device))
     return save_samples(images, path, nrow=nrow)
 
 
