@@ -94,22 +94,28 @@ def _sample(args) -> int:
                              + (" (it takes text: use --prompt)" if model.text_dim else ""))
         if not 0 <= args.class_ < model.num_classes:
             raise ValueError(f"--class must lie in [0, {model.num_classes - 1}], got {args.class_}")
-        condition = labels = torch.full((args.n,), args.class_, dtype=torch.long)
-        nrow = None
-    else:
-        condition, labels, nrow = sample_conditions(model, cfg, args.n, args.prompt or None,
-                                                    grid=not (args.npz or args.png_dir))
+    bulk = bool(args.npz or args.png_dir)
+    grid_n = min(args.n, 64) if bulk else args.n            # beside a sample set, the grid shows up to 64
+
+    def conditions(n: int, grid: bool):
+        if args.class_ is not None:
+            labels = torch.full((n,), args.class_, dtype=torch.long)
+            return labels, labels, None
+        return sample_conditions(model, cfg, n, args.prompt or None, grid=grid)
+
     what = f"{args.n} samples from {ckpt} ({'raw' if args.no_ema else 'EMA'} weights), {sampler} {steps} steps, " \
            f"cfg {cfg_scale}, seed {args.seed}"
-    run = dict(model=model, schedule=schedule, n=args.n, labels=condition, sampler=sampler, steps=steps,
-               cfg_scale=cfg_scale, eta=s.eta, seed=args.seed, batch_size=args.batch_size, device=env.device,
-               **output_kwargs(cfg, env.device))
-    if args.npz or args.png_dir:
-        _sample_set(args, run, labels, env, what)
+    run = dict(model=model, schedule=schedule, sampler=sampler, steps=steps, cfg_scale=cfg_scale, eta=s.eta,
+               seed=args.seed, batch_size=args.batch_size, device=env.device, **output_kwargs(cfg, env.device))
+    if bulk:
+        condition, labels, _ = conditions(args.n, grid=False)      # balanced over every class
+        _sample_set(args, {**run, "n": args.n, "labels": condition}, labels, env, what)
     if args.out and env.is_main:
-        images = generate(**{**run, "n": min(args.n, 256) if (args.npz or args.png_dir) else args.n}, progress=True)
+        condition, _, nrow = conditions(grid_n, grid=True)
+        images = generate(**run, n=grid_n, labels=condition, progress=True)
         paths = save_samples(images, args.out, nrow=nrow, scale=args.scale)
-        print(f"wrote {', '.join(map(str, paths))} ({what})")
+        print(f"wrote {', '.join(map(str, paths))} ({grid_n} samples from {ckpt}, {sampler} {steps} steps, "
+              f"cfg {cfg_scale}, seed {args.seed})")
     barrier(env)
     return 0
 

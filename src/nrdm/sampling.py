@@ -49,8 +49,8 @@ def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None =
             classes = grid_labels(n, 10)
             prompts = class_prompts(cfg.data.name, torch.arange(10))
         ordered = [prompts[i % len(prompts)] for i in range(n)]
-        device = next(model.parameters()).device                   # the encoder follows the model
-        return text_encoder(cfg, device)(ordered), classes, min(len(prompts), n)
+        device = next(model.parameters(), torch.empty(0)).device if hasattr(model, "parameters") else None
+        return text_encoder(cfg, device)(ordered), classes, min(len(prompts), n)   # encoder follows the model
     if grid and model.num_classes:
         columns = torch.tensor(grid_classes(cfg, model.num_classes))
         labels = columns[torch.arange(n) % len(columns)]

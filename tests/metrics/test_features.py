@@ -25,12 +25,13 @@ class FakeInception(nn.Module):
         return self.proj(x).softmax(-1)                     # (N, 4) "probabilities"
 
 
-class FakeLayeredInception(FakeInception):
+class FakeLayeredInception(nn.Module):
     """A stand-in with the published file's layer names up to mixed_6.conv (1x1 convs and pools
-    whose shapes lead to the 17 x 17 map of a 299 x 299 input)."""
+    whose shapes lead to the 17 x 17 map of a 299 x 299 input); its forward is FakeInception's."""
 
     def __init__(self):
         super().__init__()
+        self.head = FakeInception()
         layers = nn.Module()
         for name in ("conv", "conv_1", "conv_2", "conv_3", "conv_4", "mixed", "mixed_1", "mixed_2", "mixed_3",
                      "mixed_4"):
@@ -40,6 +41,9 @@ class FakeLayeredInception(FakeInception):
         layers.mixed_6 = nn.Module()
         layers.mixed_6.conv = nn.Conv2d(3, 9, 1)
         self.layers = layers
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+        return self.head(img, return_features, no_output_bias)
 
 
 class FakeI3D(nn.Module):

@@ -230,10 +230,13 @@ def test_cli_train_sample_info(tmp_path, tiny_overrides, capsys):
     assert "--prompt needs a text-to-image model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,flag", [(["sample", "RUN", "--n", "-3", "--out", "x.png"], "--n"),
-                                       (["sample", "RUN", "--n", "0", "--out", "x.png"], "--n"),
+N_FLAG = "-n/--n/--num-samples"        # -n for torchrun, whose own options take --n as an abbreviation
+
+
+@pytest.mark.parametrize("argv,flag", [(["sample", "RUN", "--n", "-3", "--out", "x.png"], N_FLAG),
+                                       (["sample", "RUN", "--n", "0", "--out", "x.png"], N_FLAG),
                                        (["sample", "RUN", "--out", "x.png", "--steps", "0"], "--steps"),
-                                       (["eval", "RUN", "--n", "0"], "--n"), (["eval", "RUN", "--n", "ten"], "--n")])
+                                       (["eval", "RUN", "--n", "0"], N_FLAG), (["eval", "RUN", "--n", "ten"], N_FLAG)])
 def test_cli_rejects_counts_below_one(argv, flag, capsys):
     """--n / --steps below 1 are usage errors naming the flag, before any run is loaded (they
     used to end in a torch traceback or an obscure torch.cat() message)."""
