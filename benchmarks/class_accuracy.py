@@ -13,7 +13,7 @@ from nrdm.factory import load_run
 from nrdm.factory import build_dataset
 from nrdm.data.datasets import load_digits_dataset
 from nrdm.metrics.classifier import accuracy, predict, train_classifier
-from nrdm.sampling import generate, grid_labels
+from nrdm.sampling import generate, grid_labels, sample_options
 
 
 def main():
@@ -46,7 +46,8 @@ def main():
     cfg_scale = s.cfg_scale if args.cfg is None else args.cfg
     labels = grid_labels(args.n, model.num_classes)
     start = time.time()
-    images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, s.eta, args.seed, progress=True)
+    images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, seed=args.seed, progress=True,
+                      options=sample_options(s))
     pred = predict(clf, images)
     acc = float((pred == labels).float().mean())
     per_class = [float((pred[labels == k] == k).float().mean()) for k in range(model.num_classes)]

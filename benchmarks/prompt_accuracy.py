@@ -19,7 +19,7 @@ from nrdm.data.captions import (DIGIT_TEMPLATES, DIGIT_WORDS, FASHION_TEMPLATES,
                                 indefinite_article)
 from nrdm.factory import load_run, output_kwargs, text_encoder
 from nrdm.metrics.features import domain_network
-from nrdm.sampling import generate, grid_labels
+from nrdm.sampling import generate, grid_labels, sample_options
 
 # phrasings that appear in no training caption (the class word or numeral is all they share)
 UNSEEN = {
@@ -62,8 +62,8 @@ def main():
     for kind, caption in rows:
         prompts = [caption(int(k)) for k in labels]
         start = time.time()
-        images = generate(model, schedule, args.n, text_encoder(cfg)(prompts), sampler, steps, cfg_scale, s.eta,
-                          args.seed, **output_kwargs(cfg))
+        images = generate(model, schedule, args.n, text_encoder(cfg)(prompts), sampler, steps, cfg_scale,
+                          seed=args.seed, options=sample_options(s), **output_kwargs(cfg))
         pred = torch.from_numpy(net(images)["probs"]).argmax(1)
         acc = float((pred == labels).float().mean())
         accuracy[kind].append(acc)

@@ -139,3 +139,21 @@ def test_the_feature_network_and_text_encoder_follow_the_model(monkeypatch, tiny
     model.text_dim = 3
     sample_conditions(model, cfg, 4)
     assert built["text"] == torch.device("cpu")
+
+
+@pytest.mark.parametrize("sampler", ["euler-a", "dpm++2m-sde", "dpm++3m-sde", "heun"])
+def test_every_sampler_runs_from_the_command_line_with_the_guidance_options(tiny_run, tmp_path, sampler):
+    out = tmp_path / "g.png"
+    assert cli_main(["sample", str(tiny_run), "-n", "10", "--steps", "3", "--sampler", sampler, "--spacing", "karras",
+                     "--cfg", "3", "--guidance-interval", "0.5", "50", "--cfg-rescale", "0.7", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+
+
+def test_sample_settings_are_validated(tiny_config):
+    from nrdm.factory import validate
+    with pytest.raises(ValueError, match=r"guidance_interval must be \[lo, hi\] with 0 <= lo < hi"):
+        validate(tiny_config("sample.guidance_interval=[3, 1]"))
+    with pytest.raises(ValueError, match="cfg_rescale must lie in"):
+        validate(tiny_config("sample.cfg_rescale=1.5"))
+    with pytest.raises(ValueError, match="unknown sample.spacing 'even'"):
+        validate(tiny_config("sample.spacing=even"))

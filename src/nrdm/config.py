@@ -118,10 +118,17 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "dpm++2m"                # ddpm | ddim | dpm++2m
+    sampler: str = "dpm++2m"                # ddpm | ddim | dpm++2m | euler-a | dpm++2m-sde | dpm++3m-sde | heun
     steps: int = 50
-    eta: float = 0.0                        # ddim only
+    spacing: str = "uniform"                # uniform | trailing | leading | karras | logsnr
+    eta: float | None = None                # fresh-noise share: ddim (default 0), euler-a and the SDE samplers (1)
+    s_churn: float = 0.0                    # heun (EDM): stochastic churn, applied for sigma in [s_tmin, s_tmax]
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
     cfg_scale: float = 1.0
+    guidance_interval: list[float] | None = None   # [lo, hi]: guide only where lo < sigma <= hi (None: always)
+    cfg_rescale: float = 0.0                # CFG rescale phi (Lin et al. 2024; 0 = off, 0.7 there)
     n: int = 100
     seed: int = 0
     grid_classes: list[int] | None = None   # classes shown in grids (one per column); None: all up to 16

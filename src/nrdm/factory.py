@@ -138,7 +138,7 @@ def build_loss_config(cfg: Config) -> LossConfig:
 
 def validate(cfg: Config) -> None:
     """Check every choice in the config without building anything large (raises ValueError)."""
-    from nrdm.diffusion import SAMPLERS
+    from nrdm.diffusion import SAMPLERS, SPACINGS
     from nrdm.models.gated_unit import UnitConfig
 
     build_schedule(cfg)
@@ -150,6 +150,7 @@ def validate(cfg: Config) -> None:
                                  ("train.device", t.device, ("auto", "cpu", "cuda")),
                                  ("train.lr_schedule", t.lr_schedule, ("constant", "cosine")),
                                  ("data.latent_sample", cfg.data.latent_sample, ("mean", "posterior")),
+                                 ("sample.spacing", cfg.sample.spacing, SPACINGS),
                                  ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -159,6 +160,11 @@ def validate(cfg: Config) -> None:
     bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
     if bad:
         raise ValueError(f"these config values must be >= 1: {', '.join(bad)}")
+    interval = cfg.sample.guidance_interval
+    if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
+        raise ValueError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo < hi (noise levels sigma), got {interval}")
+    if not 0.0 <= cfg.sample.cfg_rescale <= 1.0:
+        raise ValueError(f"sample.cfg_rescale must lie in [0, 1], got {cfg.sample.cfg_rescale}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
     if not 0.0 <= t.min_lr <= t.lr:

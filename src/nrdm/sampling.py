@@ -79,14 +79,26 @@ def chunks(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[
 
 
 @torch.no_grad()
+def sample_options(sample_cfg) -> dict:
+    """The sampler and guidance settings of a SampleConfig, as generate's `options` (each sampler
+    takes the ones it knows: nrdm.diffusion.sample)."""
+    s = sample_cfg
+    interval = tuple(s.guidance_interval) if s.guidance_interval else None
+    return dict(spacing=s.spacing, eta=s.eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
+                guidance_interval=interval, cfg_rescale=s.cfg_rescale)
+
+
 def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
-                    sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0,
+                    sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float | None = None,
                     seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
-                    clip_x0: float | None = 1.0, decode=None, rank: int = 0, world_size: int = 1, skip=None):
+                    clip_x0: float | None = 1.0, decode=None, rank: int = 0, world_size: int = 1, skip=None,
+                    options: dict | None = None):
     """Yields (start, samples in [-1, 1] on the CPU) for this process's chunks of n samples (see
     `chunks`). The noise of chunk [a, b) depends only on (seed, a, b): any world size gives the
     same samples, and so does any batch size for the deterministic samplers. skip(start, stop) ->
-    True leaves a chunk out (e.g. one already on disk)."""
+    True leaves a chunk out (e.g. one already on disk). options: sample_options(cfg.sample)."""
+    options = {"eta": eta, **(options or {})} if eta is not None else dict(options or {})
+    interval, rescale = options.pop("guidance_interval", None), options.pop("cfg_rescale", 0.0)
     was_training = model.training
     model.eval()
     try:
@@ -94,28 +106,27 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
             if skip is not None and skip(start, stop):
                 continue
             y = take(labels, start, stop).to(device) if labels is not None else None
-            eps_fn = eps_predictor(model, schedule, y, cfg_scale)
-            extra = {"eta": eta} if sampler == "ddim" else {}
+            eps_fn = eps_predictor(model, schedule, y, cfg_scale, interval, rescale)
             gen = torch.Generator().manual_seed(noise_seed(seed, start, 1))
             x_T = initial_noise(tuple(model.sample_shape), seed, start, stop).to(device)
             x = sample(eps_fn, x_T, schedule, sampler, steps, generator=gen, progress=progress, clip_x0=clip_x0,
-                       **extra)
+                       **options)
             yield start, (decode(x) if decode is not None else x).clamp(-1, 1).cpu()
     finally:
         model.train(was_training)
 
 
 def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
-             sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0,
+             sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float | None = None, seed: int = 0,
              batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
-             clip_x0: float | None = 1.0, decode=None) -> torch.Tensor:
+             clip_x0: float | None = 1.0, decode=None, options: dict | None = None) -> torch.Tensor:
     """n samples (n, *model.sample_shape), i.e. (n, C, H, W) or (n, C, F, H, W), in [-1, 1], in one
     process. The noise comes from CPU generators (see generate_chunks), so results do not depend
     on the device (up to floating-point differences between devices). clip_x0 = 1 keeps the
     sampler's data prediction in the pixel range [-1, 1]. Latent models pass clip_x0=None and
     `decode` (latents -> pixels, per batch): see factory.output_kwargs."""
     return torch.cat([x for _, x in generate_chunks(model, schedule, n, labels, sampler, steps, cfg_scale, eta, seed,
-                                                     batch_size, device, progress, clip_x0, decode)])
+                                                     batch_size, device, progress, clip_x0, decode, options=options)])
 
 
 def save_chunk(samples: torch.Tensor, start: int, parts_dir: Path, png_dir: Path | None = None) -> None:

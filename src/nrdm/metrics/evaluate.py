@@ -232,12 +232,13 @@ def sample_features(model, schedule, cfg, n: int, net, sampler: str, steps: int,
     import torch.distributed as dist
 
     from nrdm.factory import output_kwargs
-    from nrdm.sampling import chunks, generate_chunks
+    from nrdm.sampling import chunks, generate_chunks, sample_options
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
     condition, labels, _ = sample_conditions(model, cfg, n)     # text models: prompts naming the classes
-    mine = generate_chunks(model, schedule, n, condition, sampler, steps, cfg_scale, cfg.sample.eta, seed, batch_size,
-                           device, False, rank=rank, world_size=world, **output_kwargs(cfg, device))
+    mine = generate_chunks(model, schedule, n, condition, sampler, steps, cfg_scale, seed=seed, batch_size=batch_size,
+                           device=device, rank=rank, world_size=world, options=sample_options(cfg.sample),
+                           **output_kwargs(cfg, device))
     by_chunk = {start: FeatureSet().add(net(images))
                 for start, images in tqdm(mine, desc="samples", disable=not progress,
                                           total=len(chunks(n, batch_size, rank, world)))}
