@@ -118,7 +118,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "dpm++2m"                # ddpm | ddim | dpm++2m | euler-a | dpm++2m-sde | dpm++3m-sde | heun
+    sampler: str = "dpm++2m"                # ddpm | ddim | dpm++2m | euler-a | dpm++2m-sde | dpm++3m-sde | heun | unipc
     steps: int = 50
     spacing: str = "uniform"                # uniform | trailing | leading | karras | logsnr
     eta: float | None = None                # fresh-noise share: ddim (default 0), euler-a and the SDE samplers (1)

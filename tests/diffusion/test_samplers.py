@@ -43,7 +43,7 @@ def noise(n=10000, seed=1):
 @pytest.mark.parametrize("sampler,steps,options", [
     ("ddpm", 500, {}), ("ddim", 100, {}), ("dpm++2m", 25, {}), ("euler-a", 250, {}), ("dpm++2m-sde", 50, {}),
     ("dpm++3m-sde", 50, {}), ("heun", 25, {}), ("heun", 40, {"s_churn": 20.0}), ("dpm++2m", 25, {"spacing": "karras"}),
-    ("dpm++2m-sde", 50, {"spacing": "logsnr"})])
+    ("dpm++2m-sde", 50, {"spacing": "logsnr"}), ("unipc", 25, {})])
 def test_samples_match_gaussian_data(kind, sampler, steps, options):
     """Tolerances: sampling error of the mean/covariance of 10^4 samples is ~0.01 (std); the
     rest is discretisation error at these step counts (measured well below the bounds)."""
@@ -105,6 +105,28 @@ def test_dpm_solver_3m_matches_diffusers_third_order():
         y = reference.step(fn(y, torch.full((len(y),), int(t))), t, y).prev_sample
     ours = sample(fn, x, schedule, "dpm++3m-sde", 20, eta=0.0)
     assert rms(ours, y) < 1e-4 and rms(ours, sample(fn, x, schedule, "dpm++2m", 20)) > 1e-3
+
+
+@pytest.mark.parametrize("kind,order,steps", [("linear", 2, 5), ("linear", 2, 10), ("linear", 2, 20), ("linear", 3, 6),
+                                              ("linear", 3, 20), ("cosine", 2, 20), ("cosine", 3, 12)])
+def test_unipc_matches_diffusers(kind, order, steps):
+    """UniPC (bh2, data prediction, corrector on) equals diffusers' UniPCMultistepScheduler on the
+    same steps (diffusers' trailing spacing is ours from T-1: the linear schedule's start, and the
+    cosine one's for v-models), lower orders at the start and at the end included."""
+    diffusers = pytest.importorskip("diffusers")
+    schedule = VPSchedule(kind, prediction="v")           # starts at T-1; the closed-form eps drives it
+    fn, x = exact_eps_fn(schedule), noise(500)
+    betas = 1 - schedule.alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), schedule.alphas_cumprod[:-1]])
+    reference = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, trained_betas=betas.numpy(),
+                                                  solver_order=order, predict_x0=True, solver_type="bh2",
+                                                  lower_order_final=True, final_sigmas_type="zero",
+                                                  timestep_spacing="trailing")
+    reference.set_timesteps(steps)
+    assert reference.timesteps.tolist() == step_sequence(schedule, steps)
+    y = x.clone()
+    for t in reference.timesteps:
+        y = reference.step(fn(y, torch.full((len(y),), int(t))), t, y).prev_sample
+    assert rms(sample(fn, x, schedule, "unipc", steps, order=order), y) < 1e-4      # diffusers computes in float32
 
 
 def test_deterministic_samplers_and_seeds():
@@ -230,7 +252,7 @@ def test_timesteps_cover_range_and_validate():
         sampling_timesteps(1000, 0)
     with pytest.raises(ValueError, match="allowed: ddpm, ddim, dpm\\+\\+2m, euler-a, dpm\\+\\+2m-sde"):
         sample(lambda x, t: x, noise(2), VPSchedule(), "euler", 10)
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++2m", "euler-a", "dpm++2m-sde", "dpm++3m-sde", "heun"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++2m", "euler-a", "dpm++2m-sde", "dpm++3m-sde", "heun", "unipc"}
 
 
 # ------------------------------------------------------------------------------------------

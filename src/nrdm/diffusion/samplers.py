@@ -318,8 +318,76 @@ def sample_heun(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int
     return x
 
 
+@torch.no_grad()
+def sample_unipc(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int, order: int = 2,
+                 generator: torch.Generator | None = None, progress: bool = False,
+                 clip_x0: float | None = None, spacing: str = "uniform") -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), data prediction with B(h) = e^h - 1 ("bh2"): a multistep predictor
+    UniP-p and a corrector UniC-p that reuses the network evaluation at the predicted point, so
+    a step costs one evaluation and the corrected scheme has order p + 1.
+
+    With lambda = log(alpha / sigma), h = lambda' - lambda, earlier data predictions m_k at
+    r_k = (lambda_k - lambda) / h, D_k = (m_k - m) / r_k, phi_1 = e^{-h} - 1:
+        x'  = (sigma'/sigma) x - alpha' phi_1 m - alpha' B(h) sum_k rho_k D_k           (UniP)
+        x'c = (sigma'/sigma) x - alpha' phi_1 m - alpha' B(h) (sum_k rho^c_k D_k + rho^c_p (m' - m))   (UniC)
+    the rho solving R rho = b with R_jk = r_k^j and b_j = j! phi_{j+1}(h) / B(h) (rho = 1/2 at
+    order 2). The first steps warm up from order 1 and the last ones drop order (step i of n uses
+    at most n - i, as diffusers' UniPC); the step to clean data returns the data prediction,
+    uncorrected. `generator` is unused."""
+    path = _path(schedule, steps, spacing)
+    n = len(path)
+    lam = lambda a: 0.5 * math.log(a / (1 - a))
+    history: list[tuple[torch.Tensor, float]] = []              # (data prediction, lambda), newest last
+    x_prev = None
+
+    def x0_of(x, t, a):
+        eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        return x0.clamp(-clip_x0, clip_x0) if clip_x0 is not None else x0
+
+    def update(x, a_s, a_t, m0, lam_s, lam_t, older, m_new=None):
+        """UniP (m_new None) or UniC from (x, a_s) with data prediction m0 to a_t."""
+        h = lam_t - lam_s
+        hh = -h
+        rks = [(l_k - lam_s) / h for _, l_k in older]
+        diffs = [(m_k - m0) / r for (m_k, _), r in zip(older, rks)]
+        rks.append(1.0)
+        phi_1 = math.expm1(hh)
+        B_h = math.expm1(hh)
+        R, b, h_phi_k, factorial = [], [], phi_1 / hh - 1, 1
+        for j in range(1, len(rks) + 1):
+            R.append([r ** (j - 1) for r in rks])
+            b.append(h_phi_k * factorial / B_h)
+            factorial *= j + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        out = math.sqrt((1 - a_t) / (1 - a_s)) * x - math.sqrt(a_t) * phi_1 * m0
+        if m_new is None:                                             # predictor over the older outputs
+            if diffs:
+                rho = [0.5] if len(diffs) == 1 else np.linalg.solve(np.array(R)[:-1, :-1], np.array(b)[:-1]).tolist()
+                out = out - math.sqrt(a_t) * B_h * sum(r * d for r, d in zip(rho, diffs))
+            return out
+        rho = [0.5] if not diffs else np.linalg.solve(np.array(R), np.array(b)).tolist()
+        correction = sum(r * d for r, d in zip(rho[:-1], diffs)) + rho[-1] * (m_new - m0)
+        return out - math.sqrt(a_t) * B_h * correction
+
+    for i, (t, a_t, a_next) in enumerate(_steps(path, progress, "unipc")):
+        m = x0_of(x, t, a_t)
+        if x_prev is not None:                                        # correct the last step with m
+            (m0, lam_0), older_c = history[-1], history[-1 - c_order + 1:-1][::-1] if c_order > 1 else []
+            x = update(x_prev, a_prev, a_t, m0, lam_0, lam(a_t), older_c, m_new=m)
+        if a_next >= 1.0:
+            return m
+        history.append((m, lam(a_t)))
+        p = min(order, len(history), n - i)                              # usable order of this step
+        older = history[-p:-1][::-1] if p > 1 else []
+        x_prev, a_prev, c_order = x, a_t, p
+        x = update(x, a_t, a_next, m, lam(a_t), lam(a_next), older)
+    return x
+
+
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m, "euler-a": sample_euler_ancestral,
-            "dpm++2m-sde": sample_dpmpp_2m_sde, "dpm++3m-sde": sample_dpmpp_3m_sde, "heun": sample_heun}
+            "dpm++2m-sde": sample_dpmpp_2m_sde, "dpm++3m-sde": sample_dpmpp_3m_sde, "heun": sample_heun,
+            "unipc": sample_unipc}
 
 
 def sample(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, sampler: str = "dpm++2m", steps: int = 50,
