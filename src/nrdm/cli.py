@@ -77,7 +77,7 @@ def _sample_settings(cfg, args):
     import dataclasses
 
     flags = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, spacing=args.spacing,
-                 guidance_interval=args.guidance_interval, cfg_rescale=args.cfg_rescale)
+                 guidance_interval=args.guidance_interval, cfg_rescale=args.cfg_rescale, cache_interval=args.cache_interval)
     cfg.sample = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})
     return cfg.sample
 
@@ -94,6 +94,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="guide only where LO < sigma <= HI, sigma = sqrt((1 - abar) / abar) (default: the run's)")
     p.add_argument("--cfg-rescale", type=float, help="CFG rescale phi in [0, 1] (default: the run's sample.cfg_rescale)")
+    p.add_argument("--cache-interval", type=positive_int, help="feature caching: a full network evaluation every N, "
+                                                               "the deep features reused between (1 = off; default: "
+                                                               "the run's sample.cache_interval)")
 
 
 def _sample(args) -> int:

@@ -156,6 +156,7 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "sample.steps": cfg.sample.steps,
+                "sample.cache_interval": cfg.sample.cache_interval,
                 "data.image_size": cfg.data.image_size}
     bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
     if bad:

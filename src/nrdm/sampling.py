@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nrdm.diffusion import VPSchedule, eps_predictor, sample
+from nrdm.models.caching import feature_cache
 from nrdm.models.conditions import take
 
 
@@ -85,7 +86,7 @@ def sample_options(sample_cfg) -> dict:
     s = sample_cfg
     interval = tuple(s.guidance_interval) if s.guidance_interval else None
     return dict(spacing=s.spacing, eta=s.eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
-                guidance_interval=interval, cfg_rescale=s.cfg_rescale)
+                guidance_interval=interval, cfg_rescale=s.cfg_rescale, cache_interval=s.cache_interval)
 
 
 def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
@@ -99,6 +100,7 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
     True leaves a chunk out (e.g. one already on disk). options: sample_options(cfg.sample)."""
     options = {"eta": eta, **(options or {})} if eta is not None else dict(options or {})
     interval, rescale = options.pop("guidance_interval", None), options.pop("cfg_rescale", 0.0)
+    cache_interval = options.pop("cache_interval", 1)
     was_training = model.training
     model.eval()
     try:
@@ -109,8 +111,10 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
             eps_fn = eps_predictor(model, schedule, y, cfg_scale, interval, rescale)
             gen = torch.Generator().manual_seed(noise_seed(seed, start, 1))
             x_T = initial_noise(tuple(model.sample_shape), seed, start, stop).to(device)
-            x = sample(eps_fn, x_T, schedule, sampler, steps, generator=gen, progress=progress, clip_x0=clip_x0,
-                       **options)
+            with feature_cache(model, cache_interval) as cache:         # a fresh cache per batch
+                stepped = eps_fn if cache is None else (lambda x, t, f=eps_fn: cache.step() or f(x, t))
+                x = sample(stepped, x_T, schedule, sampler, steps, generator=gen, progress=progress, clip_x0=clip_x0,
+                           **options)
             yield start, (decode(x) if decode is not None else x).clamp(-1, 1).cpu()
     finally:
         model.train(was_training)

@@ -159,6 +159,23 @@ class Backbone(nn.Module):
     unit: UnitConfig
     grad_checkpointing: bool = False   # recompute each block in the backward pass to save memory
 
+    feature_cache: "FeatureCache | None" = None     # set by nrdm.models.caching.feature_cache while sampling
+
+    def cached(self, name: str, z: torch.Tensor, section) -> torch.Tensor:
+        """section(z): the backbone's deep part. With a feature cache on a step that reuses, z plus
+        the change the section made at the last full step (or, when its output has another shape,
+        that output); otherwise the section itself, its change stored. See nrdm.models.caching."""
+        cache = self.feature_cache
+        if cache is None:
+            return section(z)
+        key = (name, tuple(z.shape))
+        if not cache.full and key in cache.store:
+            stored = cache.store[key]
+            return z + stored if stored.shape == z.shape else stored
+        out = section(z)
+        cache.store[key] = out - z if out.shape == z.shape else out
+        return out
+
     def run(self, block: nn.Module, *args) -> torch.Tensor:
         """Call a block, through activation checkpointing when enabled (training only)."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -82,16 +82,20 @@ class UShapedTransformer(Backbone):
             [context] if context is not None else [])
         z = torch.cat(extra + [patches], dim=1) + self.pos_embed            # (B, E+N, D)
 
-        skips = []
-        for block in self.in_blocks:
-            z = self.run(block, z, cond)                                     # (B, E+N, D)
-            skips.append(z)
-        for block in self.mid_blocks:
-            z = self.run(block, z, cond)
-        for block, fuse in zip(self.out_blocks, self.skip_fuse):
-            index = len(skips)                                               # innermost first: N, ..., 1
-            skip = self.skip_scale(skips.pop(), index)
-            z = self.run(block, fuse(torch.cat([z, skip], dim=-1)), cond)    # (B, E+N, D)
-
+        z = self._span(z, cond, 0)                                           # (B, E+N, D)
         out = self.head(self.norm(z[:, self.n_extra:]))                     # (B, N, p*p*C)
         return self.out_conv(unpatchify(out, self.patch_size, self.in_channels))  # (B, C, H, W)
+
+    def _span(self, z: torch.Tensor, cond, i: int) -> torch.Tensor:
+        """In-block i, everything inside it, out-block i with the long skip from in-block i (i = 0
+        the outermost pair); all of it below the outermost pair is the feature cache's section."""
+        if i == len(self.in_blocks):
+            for block in self.mid_blocks:
+                z = self.run(block, z, cond)                                 # (B, E+N, D)
+            return z
+        z = self.run(self.in_blocks[i], z, cond)                             # (B, E+N, D)
+        skip = self.skip_scale(z, i + 1)                                     # long skip i+1 (1 = outermost)
+        inner = lambda z: self._span(z, cond, i + 1)
+        z = self.cached("deep", z, inner) if i == 0 else inner(z)
+        k = len(self.in_blocks) - 1 - i                                      # out-blocks run innermost first
+        return self.run(self.out_blocks[k], self.skip_fuse[k](torch.cat([z, skip], dim=-1)), cond)

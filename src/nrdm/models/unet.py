@@ -147,23 +147,28 @@ class UNet(Backbone):
             h = h + self.frame_embed.repeat(B, 1)[:, :, None, None]          # frame f of each clip: + e(f)
         if self.cond_in is not None:
             h = h + self.cond_in(cond.vec)[:, :, None, None]
-        skips = []
-        for level, stages in enumerate(self.down):
-            for stage in stages:
-                h = self.run(stage, h, cond)                                 # (B, C_l, H/2^l, W/2^l)
-                skips.append(h)
-            if level < len(self.downsample):
-                h = self.downsample[level](h)                                # (B, C_l+1, H/2^(l+1), ...)
-        h = self.middle_conv(self.middle(h, cond), cond)                     # (B, C_L, ., .)
-        levels = len(self.down)
-        for i, (fuses, stages) in enumerate(zip(self.fuse, self.up)):
-            level = levels - 1 - i
-            for fuse, stage in zip(fuses, stages):
-                index = len(skips)                                           # innermost first: N, ..., 1
-                skip = self._scale_skip(skips.pop(), index, level)
-                h = self.run(stage, fuse(torch.cat([h, skip], dim=1)), cond)  # (B, C_l, H/2^l, W/2^l)
-            if level > 0:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-                h = self.upsample[i](h)                                      # (B, C_l-1, ., .)
+        h = self._level(h, cond, 0)                                          # (B[*F], C0, H, W)
         out = self.out_conv(F.silu(self.out_norm(h)))                        # (B[*F], C, H, W)
         return out.view(B, F_, C, H, W).transpose(1, 2) if video else out   # x's shape
+
+    def _level(self, h: torch.Tensor, cond, level: int) -> torch.Tensor:
+        """The down stages of `level`, everything below it (the feature cache's section when level
+        is 0: DeepCache), then its up stages with their long skips."""
+        skips = []
+        for stage in self.down[level]:
+            h = self.run(stage, h, cond)                                     # (B, C_l, H/2^l, W/2^l)
+            skips.append(h)
+        if level == len(self.down) - 1:
+            h = self.middle_conv(self.middle(h, cond), cond)                 # (B, C_L, ., .)
+        else:
+            def below(h):
+                h = self._level(self.downsample[level](h), cond, level + 1)  # (B, C_l+1, H/2^(l+1), ...)
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+                return self.upsample[len(self.down) - 2 - level](h)          # (B, C_l, H/2^l, W/2^l)
+            h = self.cached("deep", h, below) if level == 0 else below(h)
+        i = len(self.down) - 1 - level                                       # up paths run innermost first
+        for fuse, stage in zip(self.fuse[i], self.up[i]):
+            index = level * len(self.down[level]) + len(skips)               # innermost first: N, ..., 1
+            skip = self._scale_skip(skips.pop(), index, level)
+            h = self.run(stage, fuse(torch.cat([h, skip], dim=1)), cond)     # (B, C_l, H/2^l, W/2^l)
+        return h

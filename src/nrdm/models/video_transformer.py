@@ -81,8 +81,15 @@ class VideoTransformer(Backbone):
         if self.cond_in is not None:
             z = z + self.cond_in(cond.vec)[:, None, None]                       # (B, F, N, D)
         per_frame, per_position = cond.repeat_each(F), cond.repeat_each(N)
-        for i in range(len(self.blocks)):
-            z = self.apply_block(i, z, per_frame, per_position)                 # (B, F, N, D)
+        def blocks(z, start, stop):
+            for i in range(start, stop):
+                z = self.apply_block(i, z, per_frame, per_position)             # (B, F, N, D)
+            return z
+
+        depth = len(self.blocks)
+        z = blocks(z, 0, 1)
+        z = self.cached("middle", z, lambda z: blocks(z, 1, depth - 1))       # blocks 2..depth-1
+        z = blocks(z, max(depth - 1, 1), depth)
         out = self.final(z.reshape(B, F * N, D), cond.vec)                      # (B, F*N, p*p*C)
         out = unpatchify(out.reshape(B * F, N, -1), self.patch_size, C)        # (B*F, C, H, W)
         return out.view(B, F, C, H, W).transpose(1, 2)                          # (B, C, F, H, W)
