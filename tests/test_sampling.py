@@ -157,3 +157,23 @@ def test_sample_settings_are_validated(tiny_config):
         validate(tiny_config("sample.cfg_rescale=1.5"))
     with pytest.raises(ValueError, match="unknown sample.spacing 'even'"):
         validate(tiny_config("sample.spacing=even"))
+
+
+def test_bf16_and_compiled_sampling_agree_with_fp32(tiny_run, monkeypatch):
+    """Sampling options that change how, not what, is computed: bf16 autocast within bf16's
+    precision of the fp32 samples, torch.compile equal to eager. The compiled path is traced by
+    dynamo with the "eager" backend: the same wrapping and guards without inductor's minutes of
+    code generation (benchmarks/sampler_sweep.py times the real thing)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
+    from nrdm.factory import load_run
+    from nrdm.sampling import generate
+    cfg, model, schedule, _ = load_run(tiny_run)
+    labels = torch.arange(4) % 10
+    run = lambda **options: generate(model, schedule, 4, labels, "ddim", 3, 2.0, options=options)
+    fp32 = run()
+    bf16 = run(precision="bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().max() < 0.1
+    torch.testing.assert_close(run(compile=True), fp32, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(compile=True, cache_interval=2), run(cache_interval=2), rtol=1e-5, atol=1e-5)

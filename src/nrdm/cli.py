@@ -77,7 +77,8 @@ def _sample_settings(cfg, args):
     import dataclasses
 
     flags = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, spacing=args.spacing,
-                 guidance_interval=args.guidance_interval, cfg_rescale=args.cfg_rescale, cache_interval=args.cache_interval)
+                 guidance_interval=args.guidance_interval, cfg_rescale=args.cfg_rescale, cache_interval=args.cache_interval,
+                 precision=args.precision, compile=True if args.compile else None)
     cfg.sample = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})
     return cfg.sample
 
@@ -97,6 +98,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-interval", type=positive_int, help="feature caching: a full network evaluation every N, "
                                                                "the deep features reused between (1 = off; default: "
                                                                "the run's sample.cache_interval)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast of the network while sampling "
+                                                                          "(default: the run's sample.precision)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for sampling")
 
 
 def _sample(args) -> int:

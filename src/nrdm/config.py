@@ -130,6 +130,8 @@ class SampleConfig:
     guidance_interval: list[float] | None = None   # [lo, hi]: guide only where lo < sigma <= hi (None: always)
     cfg_rescale: float = 0.0                # CFG rescale phi (Lin et al. 2024; 0 = off, 0.7 there)
     cache_interval: int = 1                 # feature caching: a full network evaluation every N (1 = off)
+    precision: str = "fp32"                 # fp32 | bf16 | fp16: autocast of the network while sampling
+    compile: bool = False                   # torch.compile the network for sampling (pays off for many batches)
     n: int = 100
     seed: int = 0
     grid_classes: list[int] | None = None   # classes shown in grids (one per column); None: all up to 16

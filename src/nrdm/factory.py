@@ -151,6 +151,7 @@ def validate(cfg: Config) -> None:
                                  ("train.lr_schedule", t.lr_schedule, ("constant", "cosine")),
                                  ("data.latent_sample", cfg.data.latent_sample, ("mean", "posterior")),
                                  ("sample.spacing", cfg.sample.spacing, SPACINGS),
+                                 ("sample.precision", cfg.sample.precision, ("fp32", "bf16", "fp16")),
                                  ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")

@@ -1,6 +1,7 @@
 """Generating images from a trained backbone: noise -> sampler -> images in [-1, 1]."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,8 @@ def sample_options(sample_cfg) -> dict:
     s = sample_cfg
     interval = tuple(s.guidance_interval) if s.guidance_interval else None
     return dict(spacing=s.spacing, eta=s.eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
-                guidance_interval=interval, cfg_rescale=s.cfg_rescale, cache_interval=s.cache_interval)
+                guidance_interval=interval, cfg_rescale=s.cfg_rescale, cache_interval=s.cache_interval,
+                precision=s.precision, compile=s.compile)
 
 
 def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
@@ -101,6 +103,10 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
     options = {"eta": eta, **(options or {})} if eta is not None else dict(options or {})
     interval, rescale = options.pop("guidance_interval", None), options.pop("cfg_rescale", 0.0)
     cache_interval = options.pop("cache_interval", 1)
+    precision, compiled = options.pop("precision", "fp32"), options.pop("compile", False)
+    network = torch.compile(model) if compiled else model                 # the module's attributes pass through
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if dtype else contextlib.nullcontext
     was_training = model.training
     model.eval()
     try:
@@ -108,13 +114,14 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
             if skip is not None and skip(start, stop):
                 continue
             y = take(labels, start, stop).to(device) if labels is not None else None
-            eps_fn = eps_predictor(model, schedule, y, cfg_scale, interval, rescale)
+            eps_fn = eps_predictor(network, schedule, y, cfg_scale, interval, rescale)
             gen = torch.Generator().manual_seed(noise_seed(seed, start, 1))
             x_T = initial_noise(tuple(model.sample_shape), seed, start, stop).to(device)
-            with feature_cache(model, cache_interval) as cache:         # a fresh cache per batch
+            with feature_cache(model, cache_interval) as cache, autocast():     # a fresh cache per batch
                 stepped = eps_fn if cache is None else (lambda x, t, f=eps_fn: cache.step() or f(x, t))
                 x = sample(stepped, x_T, schedule, sampler, steps, generator=gen, progress=progress, clip_x0=clip_x0,
                            **options)
+            x = x.float()
             yield start, (decode(x) if decode is not None else x).clamp(-1, 1).cpu()
     finally:
         model.train(was_training)
