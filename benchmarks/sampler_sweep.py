@@ -1,0 +1,129 @@
+"""Sampler sweep: quality per network evaluation and per second, for one trained run.
+
+Every combination of sampler x spacing x NFE (x guidance interval x feature-cache interval) is
+scored with `nrdm.metrics.evaluate` (FID and class accuracy on the run's feature network, the
+same n, seed and classes for all), timed, and appended to OUT/sweep.jsonl (a rerun skips what is
+there). NFE counts network evaluations per sample (a guided pair is one, as DiT counts): steps
+for every sampler but heun, whose steps cost 2 each but the last. The script then plots FID and
+class accuracy against NFE and against seconds (OUT/*.png) and prints, per sampler, the best
+FID at each NFE, the best 10-NFE configuration against the best at <= 250 NFE, and the cache's
+speed-up against its FID cost.
+
+    python benchmarks/sampler_sweep.py runs/digits --out runs/sweep-digits [--n 500]
+        [--samplers dpm++2m unipc ...] [--spacings uniform karras logsnr] [--nfe 5 10 15 25 50 100 250]
+        [--intervals none 0.3,3] [--cache 1 2 3 5]
+"""
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nrdm.diffusion import SAMPLERS, SPACINGS  # noqa: E402
+from nrdm.factory import load_run  # noqa: E402
+from nrdm.metrics.evaluate import evaluate, feature_network  # noqa: E402
+
+
+def steps_for(sampler: str, nfe: int) -> int:
+    return (nfe + 1) // 2 if sampler == "heun" else nfe
+
+
+def key_of(row: dict) -> str:
+    return "|".join(str(row[k]) for k in ("sampler", "spacing", "nfe", "interval", "cache"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--spacings", nargs="+", default=["uniform", "karras", "logsnr"], choices=SPACINGS)
+    parser.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 15, 25, 50, 100, 250])
+    parser.add_argument("--intervals", nargs="+", default=["none"],
+                        help="guidance intervals: none, or LO,HI in sigma (e.g. 0.3,3)")
+    parser.add_argument("--cache", nargs="+", type=int, default=[1], help="feature-cache intervals")
+    parser.add_argument("--cfg", type=float, help="guidance scale (default: the run's)")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "sweep.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = {key_of(r) for r in rows}
+    cfg, model, schedule, ckpt = load_run(args.run)
+    net = feature_network(cfg.data, progress=False)
+    base = cfg.sample if args.cfg is None else dataclasses.replace(cfg.sample, cfg_scale=args.cfg)
+    todo = [dict(sampler=s, spacing=p, nfe=k, interval=i, cache=c) for s in args.samplers for p in args.spacings
+            for k in args.nfe for i in args.intervals for c in args.cache
+            if not (s == "heun" and k < 3)]
+    for row in todo:
+        if key_of(row) in done:
+            continue
+        interval = None if row["interval"] == "none" else [float(v) for v in row["interval"].split(",")]
+        cfg.sample = dataclasses.replace(base, sampler=row["sampler"], spacing=row["spacing"],
+                                         steps=steps_for(row["sampler"], row["nfe"]), guidance_interval=interval,
+                                         cache_interval=row["cache"])
+        start = time.perf_counter()
+        result = evaluate(model, schedule, cfg, n=args.n, seed=args.seed, net=net, progress=False)
+        row.update(seconds=time.perf_counter() - start, fid=result["metrics"]["fid"],
+                   class_accuracy=result["metrics"].get("class_accuracy"), cfg_scale=base.cfg_scale,
+                   n=args.n, checkpoint=str(ckpt))
+        rows.append(row)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{key_of(row):<40} FID {row['fid']:7.3f}  acc {row['class_accuracy']:.3f}  {row['seconds']:6.1f}s",
+              flush=True)
+    report(rows, out)
+
+
+def report(rows: list[dict], out: Path) -> None:
+    plain = [r for r in rows if r["cache"] == 1 and r["interval"] == "none"]
+    if plain:
+        best = min(plain, key=lambda r: r["fid"])
+        at10 = [r for r in plain if r["nfe"] <= 10]
+        if at10:
+            best10 = min(at10, key=lambda r: r["fid"])
+            print(f"best <= 250 NFE: {key_of(best)} FID {best['fid']:.3f}; best <= 10 NFE: {key_of(best10)} "
+                  f"FID {best10['fid']:.3f} = {best10['fid'] / best['fid']:.2f}x the best")
+    for r in rows:
+        if r["cache"] > 1:
+            ref = [q for q in rows if q["cache"] == 1 and all(q[k] == r[k] for k in ("sampler", "spacing", "nfe",
+                                                                                   "interval"))]
+            if ref:
+                print(f"cache {r['cache']} on {key_of(ref[0])}: {ref[0]['seconds'] / r['seconds']:.2f}x faster, "
+                      f"FID {r['fid'] / ref[0]['fid']:.2f}x")
+    for metric in ("fid", "class_accuracy"):
+        for axis in ("nfe", "seconds"):
+            fig, ax = plt.subplots(figsize=(8, 5))
+            lines: dict[str, list] = {}
+            for r in rows:
+                name = f"{r['sampler']} {r['spacing']}" + (f" gi {r['interval']}" if r["interval"] != "none" else "") + (
+                    f" cache {r['cache']}" if r["cache"] > 1 else "")
+                lines.setdefault(name, []).append((r[axis], r[metric]))
+            for name, points in sorted(lines.items()):
+                points.sort()
+                ax.plot(*zip(*points), marker="o", label=name)
+            ax.set_xscale("log")
+            if metric == "fid":
+                ax.set_yscale("log")
+            ax.set_xlabel("network evaluations per sample" if axis == "nfe" else "seconds for the evaluation set")
+            ax.set_ylabel("FID (domain network)" if metric == "fid" else "class accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out / f"{metric}_vs_{axis}.png", dpi=110)
+            plt.close(fig)
+    print(f"wrote {out}/sweep.jsonl and plots")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
