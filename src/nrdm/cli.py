@@ -83,6 +83,17 @@ def _sample_settings(cfg, args):
     return cfg.sample
 
 
+def _generation_flags(p: argparse.ArgumentParser, default_n: int) -> None:
+    """What nrdm sample and nrdm eval share: how many samples, from which weights, in which
+    batches, and the sampling flags."""
+    p.add_argument("-n", "--n", "--num-samples", dest="n", type=positive_int, default=default_n,
+                   help="number of samples, split over the processes under torchrun (there write -n: torchrun "
+                        "takes --n for its own --nnodes)")
+    p.add_argument("--checkpoint", help="step-N, N or a checkpoint path (default: the latest)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (and per resumable chunk)")
+    _sampling_flags(p)
+
+
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     """The flags that override a run's sample settings (nrdm sample and nrdm eval)."""
     from nrdm.diffusion import SAMPLERS, SPACINGS
@@ -343,16 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample an image grid (or clips) from a run's latest checkpoint",
                        formatter_class=_DefaultsHelp)
     p.add_argument("run", help="run directory")
-    p.add_argument("-n", "--n", "--num-samples", dest="n", type=positive_int, default=64,
-                   help="number of samples (under torchrun write -n: torchrun takes --n for its own --nnodes)")
+    _generation_flags(p, default_n=64)
     p.add_argument("--out", help="grid file: a PNG grid for images; for video models its stem names <stem>.gif, "
                                  "<stem>.mp4 and <stem>-frames.png (with --npz/--png-dir: of the first 256)")
     p.add_argument("--npz", help="write all n samples as an ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels); "
                                  "under torchrun the processes split the work, the file is the same for any count")
     p.add_argument("--png-dir", help="write all n samples as numbered PNG files into this folder")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (and per resumable chunk)")
-    p.add_argument("--checkpoint", help="step-N, N or a checkpoint path (default: the latest)")
-    _sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of stochastic samplers")
     p.add_argument("--class", dest="class_", type=int, help="class-conditional models: sample only this class "
                                                             "(default: classes 0..K-1, one per grid column)")
@@ -366,17 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="FID/KID/IS/precision/recall/class accuracy of a run, protocol in JSON",
                        formatter_class=_DefaultsHelp)
     p.add_argument("run", nargs="?", help="run directory (optional with --samples and --ref-stats)")
-    p.add_argument("-n", "--n", "--num-samples", dest="n", type=positive_int, default=1000,
-                   help="number of generated samples, split over the processes under torchrun (there write -n: "
-                        "torchrun takes --n for its own --nnodes)")
+    _generation_flags(p, default_n=1000)
     p.add_argument("--json", help="also write metrics and protocol to this JSON file")
     p.add_argument("--samples", help="evaluate this sample set instead of generating: an .npz (arr_0 uint8 NHWC, "
                                      "as `nrdm sample --npz` and ADM write) or a folder of images")
     p.add_argument("--ref-stats", help="reference statistics file instead of the dataset: an ADM reference batch "
                                        "(e.g. VIRTUAL_imagenet256_labeled.npz) or an .npz with mu and sigma")
-    p.add_argument("--checkpoint", help="step-N, N or a checkpoint path (default: the latest)")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="samples per generated batch")
-    _sampling_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
     p.add_argument("--ref", help="reference data NAME[:SPLIT] (default: the run's dataset, held-out split)")
     p.add_argument("--feature-net", help="domain (default for digits/mnist/fashion/moving-digits), inception / i3d "
