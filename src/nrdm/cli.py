@@ -1,14 +1,17 @@
 """Command line: `nrdm train | sample | eval | latents | autoencoder | lab | info`.
 
     nrdm train digits --out runs/digits [--set train.steps=500]... [--resume]
-    nrdm sample runs/digits --n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
-    nrdm eval runs/digits --n 1000 --json metrics.json [--sampler --steps --cfg --seed --ref fashion:test]
-    nrdm latents PRESET [--set data.vae=...]   (pre-extract the latents of data.vae into the cache)
+    nrdm sample runs/digits -n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
+    nrdm sample runs/digits -n 50000 --npz samples.npz   (a sample set; torchrun splits it over processes)
+    nrdm eval runs/digits -n 1000 --json metrics.json [--sampler --steps --cfg --seed --ref fashion:test]
+    nrdm eval --samples samples.npz --ref-stats VIRTUAL_imagenet256_labeled.npz   (ADM's reference batch)
+    nrdm latents PRESET [--set data.vae=...]   (extract the latents of data.vae into the cache, in shards)
     nrdm autoencoder fashion --out runs/ae     (train the small autoencoder for offline latent diffusion)
     nrdm lab toy --out runs/lab-toy  /  nrdm lab image --out runs/lab-image   (depth-scaling grids)
     nrdm info runs/digits            (or a preset / YAML: validate it and count parameters and FLOPs)
 
-Multi-process: torchrun --nproc_per_node=N -m nrdm.cli train ...  (same arguments)
+Multi-process: torchrun --nproc_per_node=N -m nrdm.cli train|sample|eval|latents ...  (same arguments;
+write -n, not --n, which torchrun reads as its own option)
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
     RUN/checkpoints/step-00001000/
         model.safetensors   model weights (fp32)
         ema.safetensors     EMA weights
-        state.pt            optimizer, scheduler, RNG states, step (read with weights_only=True)
+        state.pt            optimizer, scheduler, grad scaler and divergence-monitor states, step,
+                            seed and world size (read with weights_only=True; the data order and
+                            noise are functions of seed and step, so no RNG state is needed)
         config.yaml         the run's configuration
 
 A checkpoint is first written to `step-XXXXXXXX.tmp/`, flushed to disk, then renamed: a crash at
