@@ -47,7 +47,7 @@ def main():
     labels = grid_labels(args.n, model.num_classes)
     start = time.time()
     images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, seed=args.seed, progress=True,
-                      options=sample_options(s))
+                      options=sample_options(s, sampler))
     pred = predict(clf, images)
     acc = float((pred == labels).float().mean())
     per_class = [float((pred[labels == k] == k).float().mean()) for k in range(model.num_classes)]

@@ -63,7 +63,7 @@ def main():
         prompts = [caption(int(k)) for k in labels]
         start = time.time()
         images = generate(model, schedule, args.n, text_encoder(cfg)(prompts), sampler, steps, cfg_scale,
-                          seed=args.seed, options=sample_options(s), **output_kwargs(cfg))
+                          seed=args.seed, options=sample_options(s, sampler), **output_kwargs(cfg))
         pred = torch.from_numpy(net(images)["probs"]).argmax(1)
         acc = float((pred == labels).float().mean())
         accuracy[kind].append(acc)

@@ -177,3 +177,13 @@ def test_bf16_and_compiled_sampling_agree_with_fp32(tiny_run, monkeypatch):
     assert (bf16 - fp32).abs().max() < 0.1
     torch.testing.assert_close(run(compile=True), fp32, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run(compile=True, cache_interval=2), run(cache_interval=2), rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_eta_does_not_silence_the_sde_samplers(tiny_config):
+    """sample.eta is DDIM's; the ancestral and SDE samplers take sample.sde_eta (runs saved
+    before it existed carry eta: 0.0, which would have turned them into their ODE solvers)."""
+    from nrdm.sampling import sample_options
+    cfg = tiny_config("sample.eta=0.0", "sample.sampler=euler-a")
+    assert sample_options(cfg.sample)["eta"] == 1.0
+    assert sample_options(cfg.sample, "ddim")["eta"] == 0.0
+    assert sample_options(tiny_config("sample.sde_eta=0.5").sample, "dpm++2m-sde")["eta"] == 0.5

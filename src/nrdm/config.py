@@ -121,7 +121,8 @@ class SampleConfig:
     sampler: str = "dpm++2m"                # ddpm | ddim | dpm++2m | euler-a | dpm++2m-sde | dpm++3m-sde | heun | unipc
     steps: int = 50
     spacing: str = "uniform"                # uniform | trailing | leading | karras | logsnr
-    eta: float | None = None                # fresh-noise share: ddim (default 0), euler-a and the SDE samplers (1)
+    eta: float = 0.0                        # ddim: fresh-noise share (0 = deterministic DDIM, 1 = DDPM)
+    sde_eta: float = 1.0                    # euler-a, dpm++2m-sde, dpm++3m-sde: fresh-noise share (0 = their ODE)
     s_churn: float = 0.0                    # heun (EDM): stochastic churn, applied for sigma in [s_tmin, s_tmax]
     s_tmin: float = 0.0
     s_tmax: float = float("inf")

@@ -81,12 +81,15 @@ def chunks(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[
 
 
 @torch.no_grad()
-def sample_options(sample_cfg) -> dict:
+def sample_options(sample_cfg, sampler: str | None = None) -> dict:
     """The sampler and guidance settings of a SampleConfig, as generate's `options` (each sampler
-    takes the ones it knows: nrdm.diffusion.sample)."""
+    takes the ones it knows: nrdm.diffusion.sample). `eta` is DDIM's sample.eta for ddim and
+    sample.sde_eta for the ancestral and SDE samplers (runs saved before sde_eta existed carry
+    eta: 0.0, DDIM's default, which must not silence them)."""
     s = sample_cfg
     interval = tuple(s.guidance_interval) if s.guidance_interval else None
-    return dict(spacing=s.spacing, eta=s.eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
+    eta = s.eta if (sampler or s.sampler) == "ddim" else s.sde_eta
+    return dict(spacing=s.spacing, eta=eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
                 guidance_interval=interval, cfg_rescale=s.cfg_rescale, cache_interval=s.cache_interval,
                 precision=s.precision, compile=s.compile)
 
