@@ -103,7 +103,7 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
     `chunks`). The noise of chunk [a, b) depends only on (seed, a, b): any world size gives the
     same samples, and so does any batch size for the deterministic samplers. skip(start, stop) ->
     True leaves a chunk out (e.g. one already on disk). options: sample_options(cfg.sample)."""
-    options = {"eta": eta, **(options or {})} if eta is not None else dict(options or {})
+    options = {**(options or {}), "eta": eta} if eta is not None else dict(options or {})   # an explicit eta wins
     interval, rescale = options.pop("guidance_interval", None), options.pop("cfg_rescale", 0.0)
     cache_interval = options.pop("cache_interval", 1)
     precision, compiled = options.pop("precision", "fp32"), options.pop("compile", False)
