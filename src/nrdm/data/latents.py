@@ -180,12 +180,15 @@ class LatentShards(torch.utils.data.Dataset):
 
     def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None):
         """(latents (B, c, [F,] h, w), labels (B,)) of the given items, in their order."""
-        indices = torch.as_tensor(indices).long()
+        indices = torch.as_tensor(indices).long().numpy()
+        flip = np.zeros(len(indices), bool) if flip is None or not self.has_flipped else torch.as_tensor(flip).numpy()
         shard, offset = indices // self.shard_size, indices % self.shard_size
-        rows, labels = [], []
-        for i in range(len(indices)):
-            k, j = int(shard[i]), int(offset[i])
-            source = self.flipped if (flip is not None and bool(flip[i]) and self.has_flipped) else self.latents
-            rows.append(source[k][j])
-            labels.append(self.labels_by_shard[k][j])
-        return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        rows = np.empty((len(indices), *self.manifest["shape"]), np.float32)
+        labels = np.empty(len(indices), np.int64)
+        for k in np.unique(shard):                     # one fancy-indexed read per shard and source
+            here = shard == k
+            labels[here] = self.labels_by_shard[k][offset[here]]
+            for source, chosen in ((self.latents, here & ~flip), (self.flipped, here & flip)):
+                if chosen.any():
+                    rows[chosen] = source[k][offset[chosen]]
+        return torch.from_numpy(rows), torch.from_numpy(labels)
