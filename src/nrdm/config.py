@@ -22,7 +22,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 @dataclass
 class ModelConfig:
     size: str | None = None                 # registry name (DiT-S/2, U-ViT-H/2, UNet-S, ...); keys below override
-    backbone: str | None = None             # flow | u-transformer | unet | video (implied by size)
+    backbone: str | None = None             # flow | u-transformer | unet | video | multires (implied by size)
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -34,6 +34,11 @@ class ModelConfig:
     dropout: float | None = None            # unet
     skip_scaling: str | None = None         # u-transformer, unet: none | constant | learned
     skip_kappa: float | None = None
+    branch_widths: list[int] | None = None  # multires: ConvNeXt branches' widths, coarse to fine
+    branch_depths: list[int] | None = None  # multires: blocks per ConvNeXt branch
+    kernel_size: int | None = None          # multires: depthwise conv kernel of the ConvNeXt blocks (7)
+    branch_feed: str | None = None          # multires: add | concat (previous branch's upsampled features)
+    cross_skips: bool | None = None         # multires: every block also gets the previous branch's block output
     variant: str = "nrdm"                   # nrdm | adaln | scaled-skip | resnet | rezero | adaln-zero
     gate_init: str = "auto"
     gate_source: str = "cond"
@@ -58,6 +63,8 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"      # uniform | logit-normal (SD3's density, in log-SNR terms)
     logit_mean: float = 0.0                 # logit-normal: location m and scale s of u, log-SNR = -2u
     logit_std: float = 1.0
+    branch_weights: list[float] | None = None  # multires: loss weight of each branch's prediction, coarse to
+                                            # fine (DiMR: [0.25, 1]); None = the last branch only
 
 
 @dataclass

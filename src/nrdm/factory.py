@@ -19,7 +19,8 @@ from nrdm.models.registry import MODEL_SIZES, VIDEO_BACKBONES
 from nrdm.utils.cache import cache_dir
 
 _PASSTHROUGH = ("backbone", "width", "depth", "heads", "patch_size", "mlp_ratio", "channel_mult",
-                "attention_resolution", "temporal_resolution", "dropout", "skip_scaling", "skip_kappa", "variant", "gate_init",
+                "attention_resolution", "temporal_resolution", "dropout", "skip_scaling", "skip_kappa", "branch_widths",
+                "branch_depths", "kernel_size", "branch_feed", "cross_skips", "variant", "gate_init",
                 "gate_source", "gate_shape", "input_conditioning")
 
 
@@ -28,15 +29,16 @@ def model_kwargs(cfg: Config) -> dict:
     channels, image_size, num_classes = data_shape(cfg.data)
     m = cfg.model
     kwargs = {key: getattr(m, key) for key in _PASSTHROUGH if getattr(m, key) is not None}
-    if isinstance(kwargs.get("channel_mult"), list):
-        kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
+    for key in ("channel_mult", "branch_widths", "branch_depths"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
     kwargs.update(image_size=image_size, in_channels=channels, num_classes=num_classes if m.conditional else 0,
                   num_timesteps=cfg.diffusion.num_timesteps)
     if cfg.data.frames:
         kwargs["num_frames"] = cfg.data.frames
     if m.text_encoder:
         kwargs["text_dim"] = text_encoder(cfg).encoder.pooled_dim
-        if kwargs.get("backbone", MODEL_SIZES.get(m.size or "", {}).get("backbone")) in ("flow", "u-transformer"):
+        if kwargs.get("backbone", MODEL_SIZES.get(m.size or "", {}).get("backbone")) in ("flow", "u-transformer", "multires"):
             kwargs["text_tokens"] = m.text_tokens
     return kwargs
 
@@ -133,7 +135,7 @@ def build_loss_config(cfg: Config) -> LossConfig:
     d = cfg.diffusion
     return LossConfig(gamma=d.gamma, penalty_units=d.penalty_units, probe=d.probe, label_drop=d.label_drop,
                       min_snr_gamma=d.min_snr_gamma, timestep_sampling=d.timestep_sampling,
-                      logit_mean=d.logit_mean, logit_std=d.logit_std)
+                      logit_mean=d.logit_mean, logit_std=d.logit_std, branch_weights=d.branch_weights)
 
 
 def validate(cfg: Config) -> None:
@@ -181,6 +183,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.frames > 0 and backbone not in VIDEO_BACKBONES:
         raise ValueError(f"data.frames={cfg.data.frames} (video) with model backbone {backbone!r}: video needs "
                          f"model.backbone=video (Latte-like, e.g. model.size=Latte-S/2) or unet (space-time U-Net)")
+    if cfg.diffusion.branch_weights is not None and backbone != "multires":
+        raise ValueError(f"diffusion.branch_weights (the multi-resolution loss) needs model.backbone=multires, "
+                         f"not {backbone!r}; unset it (diffusion.branch_weights=null) for this backbone")
     if cfg.data.frames == 0 and backbone == "video":
         raise ValueError("model.backbone=video needs video data (data.frames > 0, e.g. data.name=moving-digits)")
 

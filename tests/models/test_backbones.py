@@ -7,14 +7,21 @@ from nrdm.diffusion import VPSchedule
 from nrdm.models import VARIANTS, GatedResidual, build_model, count_flops, gated_units
 
 TINY = {"flow": "DiT-T/2", "u-transformer": "U-ViT-T/2", "unet": "UNet-T", "video": "Latte-T/2",
-        "video-unet": "UNet-T"}     # the space-time U-Net: the conv U-Net with num_frames > 0
+        "video-unet": "UNet-T",     # the space-time U-Net: the conv U-Net with num_frames > 0
+        "multires": "DiMR-T/2R"}
 
 
 def tiny(backbone, variant="nrdm", **kw):
+    """A tiny model of the backbone; gates from the conditioning (the DiMR sizes default to time-only)."""
     torch.manual_seed(0)
     video = {"num_frames": 3} if backbone.startswith("video") else {}
-    kw = {"image_size": 8, "in_channels": 2, "num_classes": 3, **video, **kw}
+    kw = {"image_size": 8, "in_channels": 2, "num_classes": 3, "gate_source": "cond", **video, **kw}
     return build_model(TINY[backbone], variant=variant, **kw)
+
+
+def every_output(model, x, t, labels):
+    """All predictions the model makes: a multires model's every branch, else its one output."""
+    return model(x, t, labels, all_branches=True) if hasattr(model, "branches") else [model(x, t, labels)]
 
 
 def inputs(model, batch=2):
@@ -38,7 +45,7 @@ def test_shape_and_finite_backward(backbone, variant):
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    model(x, t, labels).pow(2).mean().backward()
+    sum(out.pow(2).mean() for out in every_output(model, x, t, labels)).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     for unit in gated_units(model):
@@ -180,7 +187,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone):
                 p.add_(torch.randn_like(p) * 0.02)       # leave init so every unit gets a gradient
         model.grad_checkpointing = checkpointing
         x, t, labels = inputs(model)
-        model(x, t, labels).pow(2).mean().backward()
+        sum(out.pow(2).mean() for out in every_output(model, x, t, labels)).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)

@@ -13,6 +13,8 @@ BACKBONES = {
     "u-transformer": dict(backbone="u-transformer", width=32, depth=5, heads=2, patch_size=2),
     "unet": dict(backbone="unet", width=16, depth=1, heads=1, channel_mult=(1, 2), attention_resolution=4),
     "video": dict(backbone="video", width=32, depth=4, heads=2, patch_size=2, num_frames=3),
+    "multires": dict(backbone="multires", width=32, depth=3, heads=2, patch_size=2, branch_widths=(16,),
+                     branch_depths=(1,), variant="nrdm"),
     "unet-video": dict(backbone="unet", width=16, depth=1, heads=1, channel_mult=(1, 2), attention_resolution=4,
                        num_frames=3),
 }

@@ -7,7 +7,8 @@ from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss, eps_predictor
 from nrdm.models import build_model
 from nrdm.models.text_encoders import TextEmbeddings
 
-SIZES = {"flow": ("DiT-T/2", 4), "u-transformer": ("U-ViT-T/2", 4), "unet": ("UNet-T", 0), "video": ("Latte-T/2", 0)}
+SIZES = {"flow": ("DiT-T/2", 4), "u-transformer": ("U-ViT-T/2", 4), "unet": ("UNet-T", 0), "video": ("Latte-T/2", 0),
+         "multires": ("DiMR-T/2R", 4)}
 
 
 def text(batch, dim=12, length=6, seed=0):

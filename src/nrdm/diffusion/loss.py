@@ -2,7 +2,8 @@
 
     L = E_n w(n) || F_theta(x_n, n) - target ||^2  +  gamma * sum_i ||alpha_i J_i - beta_i I||_F^2 / D
 
-with n uniform (or logit-normal in log-SNR, `timestep_sampling`) and w = 1 (or Min-SNR-gamma).
+with n uniform (or logit-normal in log-SNR, `timestep_sampling`) and w = 1 (or Min-SNR-gamma). For a
+multi-resolution backbone the first term may be a weighted sum over its branches (`branch_weights`).
 
 The first term is denoising score matching in its eps- (or v-) prediction form. The second is
 the residual-sensitivity penalty, summed over the gated units i; each term is estimated by
@@ -35,6 +36,7 @@ class LossConfig:
     timestep_sampling: str = "uniform"   # uniform | logit-normal (VPSchedule.timestep_density)
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    branch_weights: tuple[float, ...] | None = None  # multi-resolution loss (multires backbone), coarse to fine
 
     def __post_init__(self):
         if self.probe not in PROBES:
@@ -46,6 +48,10 @@ class LossConfig:
             raise ValueError(f"need gamma >= 0, penalty_units >= 1, 0 <= label_drop <= 1; got {self}")
         if self.min_snr_gamma < 0 or self.logit_std <= 0:
             raise ValueError(f"need min_snr_gamma >= 0 and logit_std > 0; got {self}")
+        if self.branch_weights is not None:
+            self.branch_weights = tuple(float(w) for w in self.branch_weights)
+            if not self.branch_weights or min(self.branch_weights) < 0 or not sum(self.branch_weights) > 0:
+                raise ValueError(f"branch_weights must be >= 0 with a positive sum, got {list(self.branch_weights)}")
 
     def timestep_density(self, schedule: VPSchedule) -> torch.Tensor | None:
         """Training distribution of the steps (None: uniform)."""
@@ -151,6 +157,30 @@ def _mse(out: torch.Tensor, target: torch.Tensor, schedule: VPSchedule, t: torch
     return (err.flatten(1).mean(1) * schedule.min_snr_weight(t, min_snr_gamma)).mean()
 
 
+def branch_target(target: torch.Tensor, size: int) -> torch.Tensor:
+    """The target at a coarse branch's resolution: r * avgpool_r(target), r = H / size. The factor r
+    keeps a unit-variance eps target at unit variance (the mean of r^2 independent values has
+    variance 1/r^2), as DiMR's code does; r = 1 returns the target itself."""
+    ratio = target.shape[-1] // size
+    if ratio * size != target.shape[-1]:
+        raise ValueError(f"a branch of side {size} does not divide the target's side {target.shape[-1]}")
+    return target if ratio == 1 else ratio * nn.functional.avg_pool2d(target, ratio)
+
+
+def denoising_term(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels, target: torch.Tensor,
+                   schedule: VPSchedule, config: LossConfig) -> torch.Tensor:
+    """E w(n) ||F(x_n, n) - target||^2; with branch_weights (multi-resolution loss, DiMR),
+    sum_r w_r E w(n) ||F_r(x_n, n) - target_r||^2 over the branches r of a multires backbone."""
+    if config.branch_weights is None:
+        return _mse(model(xt, t, labels), target, schedule, t, config.min_snr_gamma)
+    predictions = model(xt, t, labels, all_branches=True)
+    if len(predictions) != len(config.branch_weights):
+        raise ValueError(f"diffusion.branch_weights has {len(config.branch_weights)} entries for a model with "
+                         f"{len(predictions)} branches: give one weight per branch, coarse to fine")
+    return sum(w * _mse(p, branch_target(target, p.shape[-1]), schedule, t, config.min_snr_gamma)
+               for w, p in zip(config.branch_weights, predictions))
+
+
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSchedule,
                    config: LossConfig = LossConfig(), generator: torch.Generator | None = None,
                    diagnostics: bool = False, draws: NoiseDraws | None = None) -> LossOutput:
@@ -173,7 +203,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
     xt = schedule.add_noise(x0, t, noise)
     target = schedule.target(x0, t, noise)
     if config.gamma == 0 and not diagnostics:
-        mse = _mse(model(xt, t, labels), target, schedule, t, config.min_snr_gamma)
+        mse = denoising_term(model, xt, t, labels, target, schedule, config)
         return LossOutput(mse, mse.detach())
 
     units = gated_units(model)
@@ -183,8 +213,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
         penalized = [units[i] for i in pick]
     with UnitTracer(model, units=units if diagnostics else penalized, keep_inputs=penalized,
                     stats=diagnostics) as tracer:
-        out = model(xt, t, labels)
-    mse = _mse(out, target, schedule, t, config.min_snr_gamma)
+        mse = denoising_term(model, xt, t, labels, target, schedule, config)
     if not penalized:
         return LossOutput(mse, mse.detach(), tracer=tracer)
     gather_sharded_parameters(model, penalized)

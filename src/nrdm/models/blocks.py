@@ -7,11 +7,12 @@ import torch.utils.checkpoint
 from torch import nn
 
 from nrdm.models.gated_unit import Conditioning, GatedResidual, UnitConfig
-from nrdm.models.layers import Attention, LabelEmbedder, Mlp, TimestepEmbedder
+from nrdm.models.layers import Attention, GatedMlp, LabelEmbedder, Mlp, TimestepEmbedder
 from nrdm.models.text_encoders import TextEmbeddings
 
 INPUT_CONDITIONING = ("auto", "on", "off")
 SKIP_SCALINGS = ("none", "constant", "learned")
+MLPS = {"gelu": Mlp, "geglu": GatedMlp}
 
 
 class ConditionEmbedder(nn.Module):
@@ -100,12 +101,18 @@ def layer_norm(width: int):
 
 
 class TransformerBlock(nn.Module):
-    """Two gated residual units: z -> unit(attention) -> unit(MLP)."""
+    """Two gated residual units: z -> unit(mixer) -> unit(MLP). The mixer is self-attention over the
+    token axis (default) or any module on (..., C) features; mlp = "gelu" (ViT/DiT) or "geglu"."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, cond_dim: int, unit: UnitConfig):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, cond_dim: int, unit: UnitConfig,
+                 mixer: nn.Module | None = None, mlp: str = "gelu"):
         super().__init__()
-        self.attn = GatedResidual(Attention(width, heads), width, cond_dim, unit, layer_norm(width))
-        self.mlp = GatedResidual(Mlp(width, mlp_ratio), width, cond_dim, unit, layer_norm(width))
+        mixer = Attention(width, heads) if mixer is None else mixer
+        if mlp not in MLPS:
+            raise ValueError(f"unknown mlp {mlp!r}; allowed: {', '.join(MLPS)}")
+        body = MLPS[mlp](width, mlp_ratio)
+        self.attn = GatedResidual(mixer, width, cond_dim, unit, layer_norm(width))
+        self.mlp = GatedResidual(body, width, cond_dim, unit, layer_norm(width))
 
     def forward(self, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.mlp(self.attn(z, cond), cond)                                # (B, N, C)
@@ -158,6 +165,7 @@ class Backbone(nn.Module):
     num_timesteps: int
     unit: UnitConfig
     grad_checkpointing: bool = False   # recompute each block in the backward pass to save memory
+    partial_forward: bool = False      # True when forward(x, t, labels) leaves some parameters unused
 
     feature_cache: "FeatureCache | None" = None     # set by nrdm.models.caching.feature_cache while sampling
 

@@ -77,6 +77,34 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class GatedMlp(nn.Module):
+    """GEGLU MLP (Shazeer 2020), as DiMR's blocks use: fc2(gelu(a) * b) with [a, b] = fc1(x),
+    fc1 one fused map to 2 * hidden. Same parameters and FLOPs as a GELU MLP of 1.5x the hidden size."""
+
+    def __init__(self, width: int, ratio: float = 2.0):
+        super().__init__()
+        hidden = int(width * ratio)
+        self.fc1 = nn.Linear(width, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.gelu(a, approximate="tanh") * b)
+
+
+class DepthwiseConv(nn.Module):
+    """k x k depthwise conv on a channels-last map (B, H, W, C): ConvNeXt's spatial mixer."""
+
+    def __init__(self, channels: int, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)      # (B, H, W, C)
+
+
 class SpatialAttention(nn.Module):
     """Self-attention over the pixels of a (B, C, H, W) feature map (U-Net low resolutions)."""
 

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nrdm.models.flow_transformer import FlowTransformer
 from nrdm.models.gated_unit import UnitConfig
 from nrdm.models.layers import explicit_attention
+from nrdm.models.multires import MultiResolution
 from nrdm.models.u_transformer import UShapedTransformer
 from nrdm.models.unet import UNet
 from nrdm.models.video_transformer import VideoTransformer
@@ -26,9 +27,19 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "u-transformer": UShapedTransformer,  # U-ViT-like
     "unet": UNet,                     # conv U-Net
     "video": VideoTransformer,        # Latte-like (spatial and temporal blocks alternate)
+    "multires": MultiResolution,      # DiMR-like (a transformer branch, then ConvNeXt branches at 2x resolution each)
 }
 VIDEO_BACKBONES = ("video", "unet")   # backbones that take clips (B, C, F, H, W): num_frames > 0
 UNIT_KEYS = ("variant", "gate_init", "gate_source", "gate_shape")
+
+
+# DiMR with 3 resolutions: (transformer depth, width, heads, ConvNeXt widths, ConvNeXt depths). The paper
+# publishes counts, not configurations, and its 256 px and 512 px XL/3R counts (502M / 48 GMACs and
+# 525M / 206 GMACs) are not one architecture's. XL/3R keeps XL/2R's transformer branch and branch depth
+# (21) with ConvNeXt widths 480 and 240, which gives the published 512 px counts; XL/3R-256 and H/3R are
+# fitted to the published counts (benchmarks/model_registry.py prints both, docs/dimr.md).
+DIMR_3R = {"XL/3R": (39, 960, 16, (480, 240), (21, 21)), "XL/3R-256": (39, 960, 16, (480, 240), (9, 29)),
+           "H/3R": (53, 1152, 16, (576, 288), (31, 25))}
 
 
 def _sizes() -> dict[str, dict]:
@@ -49,6 +60,15 @@ def _sizes() -> dict[str, dict]:
     for name, (depth, width, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
                                         "XL": (28, 1152, 16)}.items():
         sizes[f"Latte-{name}/2"] = dict(backbone="video", depth=depth, width=width, heads=heads, patch_size=2)
+    # DiMR (Liu et al. 2024): the transformer branch (blocks, width, heads), then the ConvNeXt branches
+    # (widths, blocks); /2R and /3R = 2 and 3 resolutions (transformer patch 2 and 4). Units default to
+    # TD-LN (variant adaln, time-dependent parameters), the paper's. XL/2R and G/2R are the official
+    # code's configurations (its ConvNeXt num_blocks 20 and 28 build 21 and 29 blocks); 3R: see DIMR_3R.
+    td_ln = dict(backbone="multires", mlp_ratio=2.0, variant="adaln", gate_source="tdp")
+    for name, (depth, width, heads, widths, depths) in {
+            "XL/2R": (39, 960, 16, (480,), (21,)), "G/2R": (57, 1152, 16, (576,), (29,)), **DIMR_3R}.items():
+        sizes[f"DiMR-{name}"] = dict(td_ln, depth=depth, width=width, heads=heads, branch_widths=widths,
+                                     branch_depths=depths, patch_size=2 ** len(widths))
     # conv U-Nets
     sizes["UNet-S"] = dict(backbone="unet", width=64, channel_mult=(1, 2, 2), depth=2, heads=4)
     sizes["UNet-B"] = dict(backbone="unet", width=128, channel_mult=(1, 2, 2, 2), depth=2, heads=4)
@@ -57,6 +77,8 @@ def _sizes() -> dict[str, dict]:
     sizes["DiT-T/4"] = dict(backbone="flow", depth=4, width=64, heads=4, patch_size=4)
     sizes["U-ViT-T/2"] = dict(backbone="u-transformer", depth=5, width=64, heads=4, patch_size=2)
     sizes["Latte-T/2"] = dict(backbone="video", depth=4, width=64, heads=4, patch_size=2)
+    sizes["DiMR-T/2R"] = dict(td_ln, depth=5, width=64, heads=4, branch_widths=(32,), branch_depths=(3,),
+                              patch_size=2)
     sizes["UNet-T"] = dict(backbone="unet", width=16, channel_mult=(1, 2), depth=1, heads=2)
     return sizes
 

@@ -383,7 +383,9 @@ def _wrap_parallel(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     not fit one device; `model` itself becomes the sharded module."""
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        # a backbone whose plain forward leaves parameters unused (multires: the coarse branches' heads)
+        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                                       find_unused_parameters=getattr(model, "partial_forward", False))
     try:
         from torch.distributed.fsdp import fully_shard               # public from torch 2.6
     except ImportError:
