@@ -70,6 +70,12 @@ def test_gpu_presets_have_published_shapes():
     assert (dit.in_channels, dit.image_size, dit.num_classes) == (4, 32, 1000)
     assert abs(count_parameters(dit) / 1e6 - 675) < 1          # DiT-XL/2: 675M
     assert abs(count_parameters(uvit) / 1e6 - 501) < 3         # U-ViT-H/2: 501M
+    with torch.device("meta"):
+        dimr2 = build_model_from_config(load_config("dimr-xl2r-imagenet256"))
+        dimr3 = build_model_from_config(load_config("dimr-xl3r-imagenet512"))
+    assert (dimr3.image_size, dimr3.branch_sizes) == (64, [16, 32, 64])
+    assert abs(count_parameters(dimr2) / 1e6 - 505) < 505 * 0.03      # DiMR-XL/2R: 505M
+    assert abs(count_parameters(dimr3) / 1e6 - 525) < 525 * 0.03      # DiMR-XL/3R at 512 px: 525M
 
 
 def test_readme_config_table_lists_every_key():
