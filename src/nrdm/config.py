@@ -39,6 +39,7 @@ class ModelConfig:
     kernel_size: int | None = None          # multires: depthwise conv kernel of the ConvNeXt blocks (7)
     branch_feed: str | None = None          # multires: add | concat (previous branch's upsampled features)
     cross_skips: bool | None = None         # multires: every block also gets the previous branch's block output
+    first_branch: str | None = None         # multires: transformer | convnext (the paper's ablation)
     variant: str = "nrdm"                   # nrdm | adaln | scaled-skip | resnet | rezero | adaln-zero
     gate_init: str = "auto"
     gate_source: str = "cond"

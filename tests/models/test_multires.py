@@ -151,3 +151,17 @@ def test_published_sizes_on_the_meta_device(size, side):
     assert count_parameters(model) / 1e6 == pytest.approx(params, rel=0.03)
     assert counter.get_total_flops() / 2e9 == pytest.approx(gmacs, rel=0.03)
     assert isinstance(model, MultiResolution) and all(isinstance(b, TransformerBlock) for b in model.branches[1].blocks)
+
+
+@pytest.mark.parametrize("variant", ["nrdm", "resnet", "adaln-zero"])
+def test_a_convnext_first_branch_still_sees_the_condition(variant):
+    """The paper's ablation: ConvNeXt blocks in the first branch too, no condition tokens; the class
+    reaches the output through the gates or, for gate-less forms, the input conditioning."""
+    model = tiny(first_branch="convnext", variant=variant)
+    assert not model.branches[0].tokens
+    assert not any(type(m).__name__ == "Attention" for m in model.modules())
+    x, t, _ = inputs(model)
+    assert model(x, t, torch.tensor([0, 0])).shape == x.shape
+    assert not torch.allclose(model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match="allowed: transformer, convnext"):
+        tiny(first_branch="mlp")

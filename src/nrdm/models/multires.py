@@ -34,6 +34,7 @@ from nrdm.models.gated_unit import Conditioning, UnitConfig, count_units
 from nrdm.models.layers import DepthwiseConv, check_heads, sincos_pos_embed_2d
 
 BRANCH_FEEDS = ("add", "concat")
+FIRST_BRANCHES = ("transformer", "convnext")
 
 
 class CascadeUpsample(nn.Module):
@@ -151,7 +152,7 @@ class MultiResolution(Backbone):
     def __init__(self, image_size: int = 32, in_channels: int = 4, patch_size: int = 2, width: int = 960,
                  depth: int = 39, heads: int = 16, mlp_ratio: float = 2.0, branch_widths=(480,),
                  branch_depths=(21,), kernel_size: int = 7, branch_feed: str = "add", cross_skips: bool = False,
-                 num_classes: int = 0, unit: UnitConfig | str = "adaln", input_conditioning: str = "auto",
+                 first_branch: str = "transformer", num_classes: int = 0, unit: UnitConfig | str = "adaln", input_conditioning: str = "auto",
                  num_timesteps: int = 1000, text_dim: int = 0, text_tokens: int = 0):
         super().__init__()
         branch_widths, branch_depths = tuple(branch_widths), tuple(branch_depths)
@@ -164,6 +165,8 @@ class MultiResolution(Backbone):
                              f"of the input resolution: patch_size must be {2 ** (n_branches - 1)}, got {patch_size}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by 2^(R-1) = {patch_size} for R = {n_branches}")
+        if first_branch not in FIRST_BRANCHES:
+            raise ValueError(f"unknown first_branch {first_branch!r}; allowed: {', '.join(FIRST_BRANCHES)}")
         if branch_feed not in BRANCH_FEEDS:
             raise ValueError(f"unknown branch_feed {branch_feed!r}; allowed: {', '.join(BRANCH_FEEDS)}")
         if min((depth,) + branch_depths) < 1:
@@ -173,12 +176,14 @@ class MultiResolution(Backbone):
         self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim, text_tokens)
         conv_conditioning = wants_input_conditioning(input_conditioning, self.unit)
 
+        self.tokens = first_branch == "transformer"
         branches, below = [], (0, 0)
         for r, (w, d) in enumerate(zip((width,) + branch_widths, (depth,) + branch_depths)):
             stride = 2 ** (n_branches - 1 - r)
-            branch = Branch(in_channels, stride, image_size // stride, w, d, heads if r == 0 else 1, mlp_ratio,
-                            kernel_size, width, self.unit, tokens=r == 0,
-                            input_conditioning=input_conditioning == "on" if r == 0 else conv_conditioning,
+            tokens = r == 0 and self.tokens
+            branch = Branch(in_channels, stride, image_size // stride, w, d, heads if tokens else 1, mlp_ratio,
+                            kernel_size, width, self.unit, tokens=tokens,
+                            input_conditioning=input_conditioning == "on" if tokens else conv_conditioning,
                             below=below, feed=branch_feed, cross_skips=cross_skips)
             branches.append(branch)
             below = (w, branch.n_maps)
@@ -193,8 +198,10 @@ class MultiResolution(Backbone):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None, all_branches: bool = False):
         self.check_input(x)
         cond, t_emb, y_emb, context = self.embed(t, labels)
-        extra = torch.cat([t_emb[:, None]] + ([y_emb[:, None]] if y_emb is not None else []) +
-                          ([context] if context is not None else []), dim=1)  # (B, E, D)
+        extra = None                                                         # condition tokens (B, E, D)
+        if self.tokens:
+            extra = torch.cat([t_emb[:, None]] + ([y_emb[:, None]] if y_emb is not None else []) +
+                              ([context] if context is not None else []), dim=1)
         if all_branches:
             predictions, below = [], None
             for branch in self.branches:
@@ -205,7 +212,7 @@ class MultiResolution(Backbone):
         below = self.cached("coarse", x, lambda x: self._coarse(x, cond, extra)) if len(self.branches) > 1 else None
         return self.branches[-1](x, cond, extra, below, self.run)[0]        # (B, C, H, W)
 
-    def _coarse(self, x: torch.Tensor, cond: Conditioning, extra: torch.Tensor) -> torch.Tensor | None:
+    def _coarse(self, x: torch.Tensor, cond: Conditioning, extra: torch.Tensor | None) -> torch.Tensor | None:
         below = None
         for branch in self.branches[:-1]:
             _, below = branch(x, cond, extra, below, self.run, predict=False)
