@@ -1,4 +1,4 @@
-"""Command line: `nrdm train | sample | eval | latents | autoencoder | lab | info`.
+"""Command line: `nrdm train | sample | eval | latents | autoencoder | lab | import-dit | info`.
 
     nrdm train digits --out runs/digits [--set train.steps=500]... [--resume]
     nrdm sample runs/digits -n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
@@ -8,6 +8,7 @@
     nrdm latents PRESET [--set data.vae=...]   (extract the latents of data.vae into the cache, in shards)
     nrdm autoencoder fashion --out runs/ae     (train the small autoencoder for offline latent diffusion)
     nrdm lab toy --out runs/lab-toy  /  nrdm lab image --out runs/lab-image   (depth-scaling grids)
+    nrdm import-dit DiT-XL-2-256x256.pt --out runs/dit-xl2   (DiT weights as a run: sample, eval, fine-tune)
     nrdm info runs/digits            (or a preset / YAML: validate it and count parameters and FLOPs)
 
 Multi-process: torchrun --nproc_per_node=N -m nrdm.cli train|sample|eval|latents ...  (same arguments;
@@ -340,6 +341,35 @@ def _info(args) -> int:
     return 0
 
 
+def _import_dit(args) -> int:
+    from nrdm.config import load_config
+    from nrdm.factory import build_model_from_config, validate
+    from nrdm.models.dit_import import load_dit
+    from nrdm.training.checkpoint import latest_checkpoint, save_checkpoint
+
+    out = Path(args.out)
+    if latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} already holds a run; choose a new --out")
+    kwargs, state = load_dit(args.source, args.heads)
+    model_keys = {"size": None, "backbone": "flow", "channel_mult": None, "attention_resolution": None,
+                  **{k: kwargs[k] for k in ("width", "depth", "heads", "patch_size", "mlp_ratio", "variant",
+                                             "gate_source", "learn_sigma", "embeddings")}}
+    sets = [f"model.{k}={'null' if v is None else json.dumps(v)}" for k, v in model_keys.items()]
+    cfg = load_config(args.preset, sets + args.set)
+    validate(cfg)
+    model = build_model_from_config(cfg)
+    have = (model.in_channels, model.image_size, model.num_classes)
+    want = (kwargs["in_channels"], kwargs["image_size"], kwargs["num_classes"])
+    if have != want:
+        raise ValueError(f"the checkpoint takes (channels, side, classes) = {want}; the config's data gives {have}: "
+                         f"choose a preset (or --set data.*) whose (latent) data has that shape")
+    model.load_state_dict(state)
+    save_checkpoint(out, 0, state, state, {"step": 0, "imported_from": str(args.source)}, cfg.to_yaml(), keep_last=1)
+    print(f"imported {args.source} ({sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters, "
+          f"learn_sigma={kwargs['learn_sigma']}) into {out}: nrdm sample {out} / nrdm eval {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nrdm", description="Neural Residual Diffusion Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -451,6 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=_lab)
     toy.add_argument("--sample-steps", type=int, default=20)
+
+    p = sub.add_parser("import-dit", help="a DiT checkpoint (official .pt or diffusers folder) as a run directory")
+    p.add_argument("source", help="DiT .pt / .safetensors file, or a diffusers DiTTransformer2DModel folder")
+    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--preset", default="dit-xl2-imagenet256", help="data, diffusion and sampling settings "
+                   "(default: dit-xl2-imagenet256, SD-VAE latents of 256 px ImageNet)")
+    p.add_argument("--heads", type=int, help="attention heads (default: DiT's for the width)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_import_dit)
 
     p = sub.add_parser("info", help="config, parameters, FLOPs and step of a run (or of a preset/YAML)")
     p.add_argument("target", help="run directory, preset name or YAML file")

@@ -40,6 +40,8 @@ class ModelConfig:
     branch_feed: str | None = None          # multires: add | concat (previous branch's upsampled features)
     cross_skips: bool | None = None         # multires: every block also gets the previous branch's block output
     first_branch: str | None = None         # multires: transformer | convnext (the paper's ablation)
+    learn_sigma: bool | None = None         # flow: 2C outputs, prediction + variance interpolation (DiT's)
+    embeddings: str | None = None           # flow: nrdm | dit | diffusers (position/timestep tables; DiT imports)
     variant: str = "nrdm"                   # nrdm | adaln | scaled-skip | resnet | rezero | adaln-zero
     gate_init: str = "auto"
     gate_source: str = "cond"

@@ -20,7 +20,7 @@ from nrdm.utils.cache import cache_dir
 
 _PASSTHROUGH = ("backbone", "width", "depth", "heads", "patch_size", "mlp_ratio", "channel_mult",
                 "attention_resolution", "temporal_resolution", "dropout", "skip_scaling", "skip_kappa", "branch_widths",
-                "branch_depths", "kernel_size", "branch_feed", "cross_skips", "first_branch", "variant", "gate_init",
+                "branch_depths", "kernel_size", "branch_feed", "cross_skips", "first_branch", "learn_sigma", "embeddings", "variant", "gate_init",
                 "gate_source", "gate_shape", "input_conditioning")
 
 

@@ -1,6 +1,6 @@
 """From a network to the epsilon predictor that samplers consume, with classifier-free guidance.
 
-Guidance acts on the whole network output (all channels):
+Guidance acts on the network's prediction (all channels; of a learned-sigma network the first C):
     out = out_uncond + s (out_cond - out_uncond)
 Both eps and v outputs are affine in the same x_t, so guiding the output guides eps. Two options:
 - guidance interval (Kynkaanniemi et al. 2024): guide only at noise levels lo < sigma <= hi,
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nrdm.diffusion.samplers import EpsFn
+from nrdm.models.blocks import prediction_part
 from nrdm.models.conditions import concat, is_conditional, null_condition
 from nrdm.diffusion.schedule import VPSchedule
 
@@ -24,7 +25,7 @@ def guided_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels, sc
     (and CFG rescale phi = `rescale`). labels: class labels or TextEmbeddings; the unconditional
     half gets model.null_condition."""
     null = null_condition(model, x.shape[0], x.device)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), concat(labels, null))   # (2B, ...)
+    out = prediction_part(model, model(torch.cat([x, x]), torch.cat([t, t]), concat(labels, null)))  # (2B, ...)
     cond, uncond = out.chunk(2)
     guided = uncond + scale * (cond - uncond)
     if rescale:
@@ -50,7 +51,7 @@ def eps_predictor(model: nn.Module, schedule: VPSchedule, labels=None, cfg_scale
 
     def plain(x, t):
         y = labels if labels is not None or not conditional else null_condition(model, x.shape[0], x.device)
-        return model(x, t, y)
+        return prediction_part(model, model(x, t, y))
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         guide = torch.full(t.shape, labels is not None and cfg_scale != 1.0)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nrdm.diffusion.schedule import TIMESTEP_SAMPLINGS, VPSchedule
+from nrdm.models.blocks import prediction_part
 from nrdm.models.conditions import null_condition, replace_where
 from nrdm.models.gated_unit import gated_units
 from nrdm.models.tracing import UnitTracer
@@ -172,7 +173,7 @@ def denoising_term(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels, 
     """E w(n) ||F(x_n, n) - target||^2; with branch_weights (multi-resolution loss, DiMR),
     sum_r w_r E w(n) ||F_r(x_n, n) - target_r||^2 over the branches r of a multires backbone."""
     if config.branch_weights is None:
-        return _mse(model(xt, t, labels), target, schedule, t, config.min_snr_gamma)
+        return _mse(prediction_part(model, model(xt, t, labels)), target, schedule, t, config.min_snr_gamma)
     predictions = model(xt, t, labels, all_branches=True)
     if len(predictions) != len(config.branch_weights):
         raise ValueError(f"diffusion.branch_weights has {len(config.branch_weights)} entries for a model with "

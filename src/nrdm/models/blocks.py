@@ -25,10 +25,11 @@ class ConditionEmbedder(nn.Module):
     c = t_emb + y_emb, tau = 2t/T - 1. num_classes = text_dim = 0: unconditional.
     """
 
-    def __init__(self, width: int, num_classes: int, num_timesteps: int, text_dim: int = 0, text_tokens: int = 0):
+    def __init__(self, width: int, num_classes: int, num_timesteps: int, text_dim: int = 0, text_tokens: int = 0,
+                 time_freq_shift: int = 0):
         super().__init__()
         self.num_timesteps = num_timesteps
-        self.time = TimestepEmbedder(width)
+        self.time = TimestepEmbedder(width, freq_shift=time_freq_shift)
         self.label = LabelEmbedder(num_classes, width) if num_classes > 0 and not text_dim else None
         self.text = TextEmbedder(text_dim, width, text_tokens) if text_dim else None
 
@@ -85,6 +86,14 @@ class TextEmbedder(nn.Module):
         _, tokens, mask = text.fit(self.tokens)
         tokens = tokens.to(self.token_proj.weight.dtype) * mask[..., None]               # padding -> zeros
         return vec, self.token_proj(tokens)                                              # (B, L, D)
+
+
+def prediction_part(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """The prediction (eps, v) of a network output: for learned-sigma models (2C channels) the
+    first C channels, the rest being the variance interpolation; otherwise the output itself."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):          # DDP / FSDP / compile wrappers
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return out[:, :model.in_channels] if getattr(model, "learn_sigma", False) else out
 
 
 def wants_input_conditioning(setting: str, unit: UnitConfig) -> bool:
@@ -166,6 +175,11 @@ class Backbone(nn.Module):
     unit: UnitConfig
     grad_checkpointing: bool = False   # recompute each block in the backward pass to save memory
     partial_forward: bool = False      # True when forward(x, t, labels) leaves some parameters unused
+    learn_sigma: bool = False          # outputs 2C channels: the prediction, then a variance interpolation
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     feature_cache: "FeatureCache | None" = None     # set by nrdm.models.caching.feature_cache while sampling
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from nrdm.models.blocks import Backbone, ConditionEmbedder, TransformerBlock, wants_input_conditioning
 from nrdm.models.gated_unit import UnitConfig, count_units
-from nrdm.models.layers import check_heads, check_patch, sincos_pos_embed_2d, unpatchify
+from nrdm.models.layers import EMBEDDINGS, check_heads, check_patch, sincos_pos_embed_2d, unpatchify
 
 
 class FinalLayer(nn.Module):
@@ -37,14 +37,19 @@ class FlowTransformer(Backbone):
     "auto" does for variants whose gates do not see c (resnet, rezero, time-only gates).
     text_dim > 0 makes it text-conditional (pooled text in c); text_tokens > 0 also puts that many
     text tokens in front of the patch tokens.
+    learn_sigma: 2C output channels, the prediction and then improved DDPM's variance interpolation
+    v (Nichol & Dhariwal 2021), as DiT's. embeddings: the position and timestep tables, "nrdm" (ours),
+    "dit" (the official DiT's) or "diffusers" (diffusers' DiT's); imported DiT weights need theirs.
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 4, patch_size: int = 2, width: int = 384,
                  depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0,
                  unit: UnitConfig | str = "nrdm", input_conditioning: str = "auto", num_timesteps: int = 1000,
-                 text_dim: int = 0, text_tokens: int = 0):
+                 text_dim: int = 0, text_tokens: int = 0, learn_sigma: bool = False, embeddings: str = "nrdm"):
         super().__init__()
         check_patch(image_size, patch_size)
+        if embeddings not in EMBEDDINGS:
+            raise ValueError(f"unknown embeddings {embeddings!r}; allowed: {', '.join(EMBEDDINGS)}")
         check_heads(width, heads)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -52,11 +57,14 @@ class FlowTransformer(Backbone):
         grid = image_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, grid)[None], persistent=False)
-        self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim, text_tokens)
+        self.learn_sigma = learn_sigma
+        layout = "nrdm" if embeddings == "nrdm" else "dit"
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, grid, layout)[None], persistent=False)
+        self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim, text_tokens,
+                                       time_freq_shift=int(embeddings == "diffusers"))
         self.cond_in = nn.Linear(width, width) if wants_input_conditioning(input_conditioning, self.unit) else None
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, width, self.unit) for _ in range(depth))
-        self.final = FinalLayer(width, patch_size * patch_size * in_channels)
+        self.final = FinalLayer(width, patch_size * patch_size * self.out_channels)
         count_units(self)                            # depth-mup's L
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +81,7 @@ class FlowTransformer(Backbone):
         if len(self.blocks) > 1:
             z = self.run(self.blocks[-1], z, cond)                           # (B, L+N, D)
         out = self.final(z[:, n_context:], cond.vec)                                        # (B, N, p*p*C)
-        return unpatchify(out, self.patch_size, self.in_channels)           # (B, C, H, W)
+        return unpatchify(out, self.patch_size, self.out_channels)          # (B, C or 2C, H, W)
 
     def _blocks(self, z: torch.Tensor, cond, start: int, stop: int) -> torch.Tensor:
         for block in self.blocks[start:stop]:

@@ -160,10 +160,15 @@ def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
 # Embeddings
 # --------------------------------------------------------------------------------------------
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) float timesteps -> (B, dim) [cos | sin] features with geometric frequencies."""
+EMBEDDINGS = ("nrdm", "dit", "diffusers")
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
+    """(B,) float timesteps -> (B, dim) [cos | sin] features with frequencies
+    exp(-ln(max_period) k / (half - freq_shift)), k < half = dim // 2 (freq_shift 1: diffusers' DiT)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]                      # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
     if dim % 2:
@@ -172,15 +177,16 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class TimestepEmbedder(nn.Module):
-    """Diffusion step n -> sinusoidal features -> 2-layer MLP (as in DiT)."""
+    """Diffusion step n -> sinusoidal features -> 2-layer MLP (as in DiT). freq_shift 1 reproduces
+    diffusers' DiT, whose frequencies divide by half - 1 where the official DiT's divide by half."""
 
-    def __init__(self, width: int, frequency_dim: int = 256):
+    def __init__(self, width: int, frequency_dim: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.frequency_dim = frequency_dim
+        self.frequency_dim, self.freq_shift = frequency_dim, freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.frequency_dim))
+        return self.mlp(sinusoidal_embedding(t, self.frequency_dim, freq_shift=self.freq_shift))
 
 
 class LabelEmbedder(nn.Module):
@@ -207,16 +213,21 @@ class LabelEmbedder(nn.Module):
         return self.table(labels)
 
 
-def sincos_pos_embed_2d(width: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding, (grid*grid, width); half the channels encode
-    the row, half the column (MAE/DiT convention)."""
+def sincos_pos_embed_2d(width: int, grid: int, layout: str = "nrdm") -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, width), rows of the table in row-major
+    patch order. layout "nrdm": the first half encodes the row, the second the column, each
+    [cos | sin]; "dit" (DiT/MAE, also diffusers' DiT): the first half the column, the second the
+    row, each [sin | cos]. Same frequencies; the tables differ by a permutation of the channels."""
     if width % 4:
         raise ValueError(f"width must be divisible by 4 for 2-D sin-cos position embeddings, got {width}")
     coords = torch.arange(grid, dtype=torch.float32)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     emb_rows = sinusoidal_embedding(rows.flatten(), width // 2, max_period=10000.0)
     emb_cols = sinusoidal_embedding(cols.flatten(), width // 2, max_period=10000.0)
-    return torch.cat([emb_rows, emb_cols], dim=-1)  # (grid*grid, width)
+    if layout == "nrdm":
+        return torch.cat([emb_rows, emb_cols], dim=-1)  # (grid*grid, width)
+    sin_first = [e.roll(width // 4, dims=-1) for e in (emb_cols, emb_rows)]   # [cos|sin] -> [sin|cos]
+    return torch.cat(sin_first, dim=-1)                 # (grid*grid, width)
 
 
 # --------------------------------------------------------------------------------------------
