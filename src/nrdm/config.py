@@ -117,6 +117,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     keep_every: int = 0                     # also keep every checkpoint whose step is a multiple (0 = none)
+    init_from: str | None = None            # start from another run's weights (its latest EMA; or a
+                                            # checkpoint dir): step 0, fresh optimizer; not a resume
     sample_every: int = 0                   # 0 = only at the end
     diagnostics_every: int = 0              # 0 = off
     eval_every: int = 0                     # 0 = off; metrics of the EMA weights with the domain network

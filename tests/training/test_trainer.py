@@ -301,3 +301,25 @@ def test_training_options_reach_the_loop(tiny_config, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][1:]
     lrs = [r["lr"] for r in records]
     assert lrs[-1] < lrs[2] and all(isinstance(r["loss"], float) for r in records)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_config, tmp_path):
+    """A deeper flow model from a shallower run: shared tensors = the source's EMA, the extra block
+    keeps its (identity) initialisation, the run starts at step 0 with its own optimizer; a source
+    of another width is refused with what does not fit."""
+    flow = ["model.size=DiT-T/2", "model.width=16", "model.heads=2", "model.channel_mult=null",
+            "model.attention_resolution=null", "model.variant=adaln-zero"]
+    train(tiny_config(*flow, "model.depth=2", "train.steps=3"), tmp_path / "source", progress=False)
+    source_ema = load_checkpoint(latest_checkpoint(tmp_path / "source"))["ema"]
+    cfg = tiny_config(*flow, "model.depth=3", "train.steps=1", "train.lr=0", "train.ckpt_every=1",
+                      f"train.init_from={tmp_path / 'source'}")
+    train(cfg, tmp_path / "deeper", progress=False)
+    loaded = load_checkpoint(latest_checkpoint(tmp_path / "deeper"))
+    assert loaded["state"]["step"] == 1 and latest_checkpoint(tmp_path / "deeper").name == "step-00000001"
+    for key, value in source_ema.items():
+        assert torch.equal(loaded["model"][key], value), key
+    fresh = [k for k in loaded["model"] if k.startswith("blocks.2.")]
+    assert fresh and all(loaded["model"][k].abs().sum() == 0 for k in fresh if "gates.head" in k)   # identity
+    wider = tiny_config(*flow, "model.width=32", "model.depth=2", f"train.init_from={tmp_path / 'source'}")
+    with pytest.raises(Exception, match="do not fit this model.*of another shape"):
+        train(wider, tmp_path / "wider", progress=False)

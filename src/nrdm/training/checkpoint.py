@@ -122,3 +122,24 @@ def load_checkpoint(path: str | Path, weights_only: bool = False) -> dict:
             raise CheckpointError(f"checkpoint file {file} is corrupt or truncated ({type(err).__name__}: {err}); "
                                   f"delete the checkpoint directory {path} to resume from an earlier one") from err
     return out
+
+
+def load_initial_weights(model: torch.nn.Module, source: str | Path) -> list[str]:
+    """train.init_from: copy another run's weights (the EMA of its latest checkpoint, or of the
+    checkpoint directory given) into a freshly built model. Every source tensor must land on a
+    tensor of the same name and shape; tensors the source lacks keep their initialisation and are
+    returned by name (e.g. the extra blocks of a deeper adaLN-Zero or nrdm model: identity at init)."""
+    source = Path(source)
+    ckpt = source if _NAME.match(source.name) else find_checkpoint(source)
+    weights = load_checkpoint(ckpt, weights_only=True)["ema"]
+    target = model.state_dict()
+    unknown = sorted(set(weights) - set(target))
+    mismatched = [f"{k} {tuple(weights[k].shape)} -> {tuple(target[k].shape)}" for k in weights
+                  if k in target and weights[k].shape != target[k].shape]
+    if unknown or mismatched:
+        raise CheckpointError(
+            f"train.init_from={source}: its weights do not fit this model ({len(unknown)} tensors it lacks, "
+            f"e.g. {unknown[:3]}; {len(mismatched)} of another shape, e.g. {mismatched[:3]}). init_from takes "
+            "a run of the same architecture, or a shallower one of the same width (extra blocks start fresh)")
+    model.load_state_dict(weights, strict=False)
+    return sorted(set(target) - set(weights))

@@ -37,7 +37,7 @@ from nrdm.factory import (build_dataset, build_loss_config, build_model_from_con
                           text_encoder, validate)
 from nrdm.models import count_parameters, no_weight_decay_names
 from nrdm.sampling import generate, sample_conditions, sample_options, save_samples
-from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, load_initial_weights, save_checkpoint
 from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from nrdm.training.ema import EMA
@@ -196,6 +196,11 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         caption_embeddings = encoder(dataset.caption_table)
         prompts = None if cfg.data.captions else dataset.caption_table[:10]
         model.embed.text.set_null(encoder([""]))  # the empty caption: guidance and caption dropout
+    if loaded is None and tc.init_from:              # a new run from another run's weights (not a resume)
+        fresh = load_initial_weights(model, tc.init_from)
+        if env.is_main:
+            print(f"init_from {tc.init_from}: {len(fresh)} tensors start fresh" + (f" ({', '.join(fresh[:4])}"
+                  f"{' ...' if len(fresh) > 4 else ''})" if fresh else ""))
     ema = EMA(model, tc.ema_decay)
     if loaded is not None:
         model.load_state_dict(loaded["model"])
