@@ -29,13 +29,22 @@ class DiTImportError(ValueError):
     """A source that is not DiT weights of a supported layout, with what was expected."""
 
 
-def _unit_head(chunks: dict[str, torch.Tensor], part: str) -> torch.Tensor:
-    """adaLN-Zero's slots in this backbone's order: gate, scale, shift (nrdm.models.gated_unit)."""
-    return torch.cat([chunks[f"gate_{part}"], chunks[f"scale_{part}"], chunks[f"shift_{part}"]])
+def _gate_heads(block: str, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """A DiT block's modulation layer (6D rows: shift, scale, gate of attention, then of the MLP) ->
+    its two units' gate heads, slots in this backbone's adaLN-Zero order: gate, scale, shift."""
+    out = {}
+    for kind, tensor in (("weight", weight), ("bias", bias)):
+        chunks = dict(zip(MODULATIONS, tensor.chunk(6)))
+        for part, unit in (("msa", "attn"), ("mlp", "mlp")):
+            roles = [chunks[f"{role}_{part}"] for role in ("gate", "scale", "shift")]
+            out[f"{block}{unit}.gates.head.{kind}"] = torch.cat(roles)
+    return out
 
 
-def _split_modulation(weight: torch.Tensor, bias: torch.Tensor) -> tuple[dict, dict]:
-    return dict(zip(MODULATIONS, weight.chunk(6))), dict(zip(MODULATIONS, bias.chunk(6)))
+def _renamed(state: dict, names: dict[str, str]) -> dict:
+    """This backbone's tensors from the source's: {our layer: their layer}, weight and bias (where present)."""
+    return {f"{ours}.{kind}": state[f"{theirs}.{kind}"] for ours, theirs in names.items()
+            for kind in ("weight", "bias") if f"{theirs}.{kind}" in state}
 
 
 def _blocks(state: dict, prefix: str) -> int:
@@ -70,21 +79,12 @@ def from_official(state: dict, heads: int | None = None) -> tuple[dict, dict]:
                   "final_layer.linear.weight", "blocks.0.adaLN_modulation.1.weight", "pos_embed"], "official DiT")
     width, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     depth = _blocks(state, "blocks.")
-    out = {"patch_embed.weight": state["x_embedder.proj.weight"], "patch_embed.bias": state["x_embedder.proj.bias"],
-           "embed.time.mlp.0.weight": state["t_embedder.mlp.0.weight"],
-           "embed.time.mlp.0.bias": state["t_embedder.mlp.0.bias"],
-           "embed.time.mlp.2.weight": state["t_embedder.mlp.2.weight"],
-           "embed.time.mlp.2.bias": state["t_embedder.mlp.2.bias"],
-           "embed.label.table.weight": state["y_embedder.embedding_table.weight"],
-           "final.modulation.weight": state["final_layer.adaLN_modulation.1.weight"],
-           "final.modulation.bias": state["final_layer.adaLN_modulation.1.bias"],
-           "final.linear.weight": state["final_layer.linear.weight"], "final.linear.bias": state["final_layer.linear.bias"]}
+    out = _renamed(state, {"patch_embed": "x_embedder.proj", "embed.time.mlp.0": "t_embedder.mlp.0",
+                           "embed.time.mlp.2": "t_embedder.mlp.2", "embed.label.table": "y_embedder.embedding_table",
+                           "final.modulation": "final_layer.adaLN_modulation.1", "final.linear": "final_layer.linear"})
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"blocks.{i}."
-        w, b = _split_modulation(state[src + "adaLN_modulation.1.weight"], state[src + "adaLN_modulation.1.bias"])
-        for part, unit in (("msa", "attn"), ("mlp", "mlp")):
-            out[f"{dst}{unit}.gates.head.weight"] = _unit_head(w, part)
-            out[f"{dst}{unit}.gates.head.bias"] = _unit_head(b, part)
+        out.update(_gate_heads(dst, state[src + "adaLN_modulation.1.weight"], state[src + "adaLN_modulation.1.bias"]))
         for name in ("qkv", "proj"):
             for kind in ("weight", "bias"):
                 out[f"{dst}attn.body.{name}.{kind}"] = state[f"{src}attn.{name}.{kind}"]
@@ -112,20 +112,14 @@ def from_diffusers(state: dict, config: dict) -> tuple[dict, dict]:
             raise DiTImportError(f"block {i}'s timestep/class embedder differs from block 0's: this model was trained "
                                  "with untied per-block embedders, which the flow backbone (one embedder) cannot hold")
     width, in_channels, patch, _ = state["pos_embed.proj.weight"].shape
-    out = {"patch_embed.weight": state["pos_embed.proj.weight"], "patch_embed.bias": state["pos_embed.proj.bias"],
-           "embed.time.mlp.0.weight": shared["timestep_embedder.linear_1.weight"],
-           "embed.time.mlp.0.bias": shared["timestep_embedder.linear_1.bias"],
-           "embed.time.mlp.2.weight": shared["timestep_embedder.linear_2.weight"],
-           "embed.time.mlp.2.bias": shared["timestep_embedder.linear_2.bias"],
-           "embed.label.table.weight": shared["class_embedder.embedding_table.weight"],
-           "final.modulation.weight": state["proj_out_1.weight"], "final.modulation.bias": state["proj_out_1.bias"],
-           "final.linear.weight": state["proj_out_2.weight"], "final.linear.bias": state["proj_out_2.bias"]}
+    e = emb.format(0)
+    out = _renamed(state, {"patch_embed": "pos_embed.proj", "embed.time.mlp.0": e + "timestep_embedder.linear_1",
+                           "embed.time.mlp.2": e + "timestep_embedder.linear_2",
+                           "embed.label.table": e + "class_embedder.embedding_table",
+                           "final.modulation": "proj_out_1", "final.linear": "proj_out_2"})
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
-        w, b = _split_modulation(state[src + "norm1.linear.weight"], state[src + "norm1.linear.bias"])
-        for part, unit in (("msa", "attn"), ("mlp", "mlp")):
-            out[f"{dst}{unit}.gates.head.weight"] = _unit_head(w, part)
-            out[f"{dst}{unit}.gates.head.bias"] = _unit_head(b, part)
+        out.update(_gate_heads(dst, state[src + "norm1.linear.weight"], state[src + "norm1.linear.bias"]))
         for kind in ("weight", "bias"):
             out[f"{dst}attn.body.qkv.{kind}"] = torch.cat([state[f"{src}attn1.to_{x}.{kind}"] for x in "qkv"])
             out[f"{dst}attn.body.proj.{kind}"] = state[f"{src}attn1.to_out.0.{kind}"]
