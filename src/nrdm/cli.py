@@ -1,4 +1,4 @@
-"""Command line: `nrdm train | sample | eval | latents | autoencoder | lab | import-dit | info`.
+"""Command line: `nrdm train | sample | eval | latents | autoencoder | lab | plot | import-dit | info`.
 
     nrdm train digits --out runs/digits [--set train.steps=500]... [--resume]
     nrdm sample runs/digits -n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
@@ -8,6 +8,7 @@
     nrdm latents PRESET [--set data.vae=...]   (extract the latents of data.vae into the cache, in shards)
     nrdm autoencoder fashion --out runs/ae     (train the small autoencoder for offline latent diffusion)
     nrdm lab toy --out runs/lab-toy  /  nrdm lab image --out runs/lab-image   (depth-scaling grids)
+    nrdm plot runs/a runs/b --out plots/  (loss, lr, images/s, eval metrics, per-unit sensitivity; overlaid)
     nrdm import-dit DiT-XL-2-256x256.pt --out runs/dit-xl2   (DiT weights as a run: sample, eval, fine-tune)
     nrdm info runs/digits            (or a preset / YAML: validate it and count parameters and FLOPs)
 
@@ -341,6 +342,13 @@ def _info(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from nrdm.training.run_plots import plot_runs
+    written = plot_runs(args.runs, args.out)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _import_dit(args) -> int:
     from nrdm.config import load_config
     from nrdm.factory import build_model_from_config, validate
@@ -481,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=_lab)
     toy.add_argument("--sample-steps", type=int, default=20)
+
+    p = sub.add_parser("plot", help="loss, learning rate, throughput, eval metrics and per-unit sensitivity of "
+                                     "runs as PNGs, overlaid")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="directory for the PNGs")
+    p.set_defaults(func=_plot)
 
     p = sub.add_parser("import-dit", help="a DiT checkpoint (official .pt or diffusers folder) as a run directory")
     p.add_argument("source", help="DiT .pt / .safetensors file, or a diffusers DiTTransformer2DModel folder")

@@ -1,6 +1,7 @@
 """The training loop end to end on tiny configs: exact resume, DDP equivalence, non-finite
 steps, and the CLI."""
 import functools
+from pathlib import Path
 import json
 import os
 import subprocess
@@ -323,3 +324,29 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_config, tmp_p
     wider = tiny_config(*flow, "model.width=32", "model.depth=2", f"train.init_from={tmp_path / 'source'}")
     with pytest.raises(Exception, match="do not fit this model.*of another shape"):
         train(wider, tmp_path / "wider", progress=False)
+
+
+def test_nrdm_plot_overlays_runs(tiny_config, tmp_path, capsys):
+    """Two runs (one with diagnostics) -> training.png with two lines per panel and sensitivity.png;
+    a directory without a log is a clear error."""
+    train(tiny_config("train.steps=4"), tmp_path / "a", progress=False)
+    train(tiny_config("train.steps=4", "train.diagnostics_every=2", "model.variant=resnet"), tmp_path / "b",
+          progress=False)
+    import matplotlib.pyplot as plt
+    seen = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, path, **kw):
+        seen.append((Path(path).name, [len(ax.get_lines()) for ax in fig.axes]))
+        return real_savefig(fig, path, **kw)
+
+    plt.Figure.savefig = spy
+    try:
+        assert cli_main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "plots")]) == 0
+    finally:
+        plt.Figure.savefig = real_savefig
+    lines = dict(seen)
+    assert lines["training.png"] == [2, 2, 2] and lines["sensitivity.png"] == [1]
+    assert (tmp_path / "plots" / "training.png").stat().st_size > 0
+    assert cli_main(["plot", str(tmp_path), "--out", str(tmp_path / "p2")]) == 2
+    assert "has no log.jsonl" in capsys.readouterr().err
