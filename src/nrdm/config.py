@@ -117,6 +117,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     keep_every: int = 0                     # also keep every checkpoint whose step is a multiple (0 = none)
+    loggers: list[str] = field(default_factory=list)   # besides log.jsonl: tensorboard, wandb
     init_from: str | None = None            # start from another run's weights (its latest EMA; or a
                                             # checkpoint dir): step 0, fresh optimizer; not a resume
     sample_every: int = 0                   # 0 = only at the end

