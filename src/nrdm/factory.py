@@ -157,9 +157,10 @@ def validate(cfg: Config) -> None:
                                  ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-    unknown = [name for name in t.loggers if name not in ("tensorboard", "wandb")]
+    from nrdm.training.trackers import TRACKERS
+    unknown = [name for name in t.loggers if name not in TRACKERS]
     if unknown:
-        raise ValueError(f"unknown train.loggers {unknown}; allowed: tensorboard, wandb (log.jsonl is always written)")
+        raise ValueError(f"unknown train.loggers {unknown}; allowed: {', '.join(TRACKERS)} (log.jsonl is always written)")
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "sample.steps": cfg.sample.steps,
                 "sample.cache_interval": cfg.sample.cache_interval,

@@ -79,8 +79,6 @@ class WandbTracker:
 
 
 def build_trackers(names: list[str], out: Path, config: dict) -> list:
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise ValueError(f"unknown train.loggers {unknown}; allowed: {', '.join(TRACKERS)} (log.jsonl is always written)")
+    """One tracker per name of train.loggers (checked by nrdm.factory.validate)."""
     kinds = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
     return [kinds[name](out, config) for name in names]
