@@ -114,8 +114,8 @@ class Branch(nn.Module):
             if j >= self.depth - self.n_side:                                # out-blocks: fuse the long skip
                 k = self.depth - 1 - j
                 z = self.skip_fuse[k](torch.cat([z, skips.pop()], dim=-1))
-            if crossed is not None:
-                z = z + self._as_layout(self.cross[j](crossed[self.cross_source[j]]), n_extra)
+            if crossed is not None:                                          # (only ConvNeXt branches have a branch below)
+                z = z + self.cross[j](crossed[self.cross_source[j]])         # (B, h, w, C)
             z = run(block, z, cond)
             if j < self.n_side:
                 skips.append(z)
@@ -128,12 +128,6 @@ class Branch(nn.Module):
 
     def _as_map(self, z: torch.Tensor, n_extra: int, H: int, W: int) -> torch.Tensor:
         return z[:, n_extra:].unflatten(1, (H, W)) if self.tokens else z
-
-    def _as_layout(self, m: torch.Tensor, n_extra: int) -> torch.Tensor:
-        """A map (B, h, w, C) in this branch's layout (tokens: flattened, zeros at the condition tokens)."""
-        if not self.tokens:
-            return m
-        return F.pad(m.flatten(1, 2), (0, 0, n_extra, 0))
 
 
 class MultiResolution(Backbone):
