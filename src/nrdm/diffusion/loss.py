@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nrdm.diffusion.schedule import TIMESTEP_SAMPLINGS, VPSchedule
-from nrdm.models.blocks import prediction_part
+from nrdm.models.blocks import prediction_part, unwrap
 from nrdm.models.conditions import null_condition, replace_where
 from nrdm.models.gated_unit import gated_units
 from nrdm.models.tracing import UnitTracer
@@ -105,13 +105,6 @@ def gather_sharded_parameters(model: nn.Module, units) -> None:
         name = names[id(unit)]
         prefixes = [p for p in owners if p == "" or name == p or name.startswith(p + ".")]
         owners[max(prefixes, key=len)].unshard()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The backbone inside DDP / FSDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
 
 
 @dataclass

@@ -88,11 +88,17 @@ class TextEmbedder(nn.Module):
         return vec, self.token_proj(tokens)                                              # (B, L, D)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The backbone inside DDP / FSDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
 def prediction_part(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """The prediction (eps, v) of a network output: for learned-sigma models (2C channels) the
     first C channels, the rest being the variance interpolation; otherwise the output itself."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):          # DDP / FSDP / compile wrappers
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    model = unwrap(model)
     return out[:, :model.in_channels] if getattr(model, "learn_sigma", False) else out
 
 
