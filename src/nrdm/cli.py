@@ -82,6 +82,7 @@ def _sample_settings(cfg, args):
     import dataclasses
 
     flags = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, spacing=args.spacing,
+                 variance=args.variance,
                  guidance_interval=args.guidance_interval, cfg_rescale=args.cfg_rescale, cache_interval=args.cache_interval,
                  precision=args.precision, compile=True if args.compile else None)
     cfg.sample = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})
@@ -101,11 +102,13 @@ def _generation_flags(p: argparse.ArgumentParser, default_n: int) -> None:
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     """The flags that override a run's sample settings (nrdm sample and nrdm eval)."""
-    from nrdm.diffusion import SAMPLERS, SPACINGS
+    from nrdm.diffusion import SAMPLERS, SPACINGS, VARIANCES
 
     p.add_argument("--sampler", choices=list(SAMPLERS), help="sampler (default: the run's sample.sampler)")
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--spacing", choices=SPACINGS, help="step spacing (default: the run's sample.spacing)")
+    p.add_argument("--variance", choices=VARIANCES, help="ddpm's step variance; auto = learned for a learned-sigma "
+                                                         "model, else fixed-small (default: the run's sample.variance)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = none (default: the run's "
                                              "sample.cfg_scale)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),

@@ -68,6 +68,8 @@ class DiffusionConfig:
     logit_std: float = 1.0
     branch_weights: list[float] | None = None  # multires: loss weight of each branch's prediction, coarse to
                                             # fine (DiMR: [0.25, 1]); None = the last branch only
+    vlb_weight: float = 0.0                 # hybrid loss (improved DDPM): + w L_t in bits/dim, training the
+                                            # learned variance (model.learn_sigma); DiT: 1; 0 = off
 
 
 @dataclass
@@ -136,6 +138,8 @@ class SampleConfig:
     spacing: str = "uniform"                # uniform | trailing | leading | karras | logsnr
     eta: float = 0.0                        # ddim: fresh-noise share (0 = deterministic DDIM, 1 = DDPM)
     sde_eta: float = 1.0                    # euler-a, dpm++2m-sde, dpm++3m-sde: fresh-noise share (0 = their ODE)
+    variance: str = "auto"                  # ddpm: fixed-small | fixed-large | learned (auto: learned for a
+                                            # learned-sigma model, else fixed-small)
     s_churn: float = 0.0                    # heun (EDM): stochastic churn, applied for sigma in [s_tmin, s_tmax]
     s_tmin: float = 0.0
     s_tmax: float = float("inf")

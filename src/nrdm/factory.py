@@ -135,12 +135,13 @@ def build_loss_config(cfg: Config) -> LossConfig:
     d = cfg.diffusion
     return LossConfig(gamma=d.gamma, penalty_units=d.penalty_units, probe=d.probe, label_drop=d.label_drop,
                       min_snr_gamma=d.min_snr_gamma, timestep_sampling=d.timestep_sampling,
-                      logit_mean=d.logit_mean, logit_std=d.logit_std, branch_weights=d.branch_weights)
+                      logit_mean=d.logit_mean, logit_std=d.logit_std, branch_weights=d.branch_weights,
+                      vlb_weight=d.vlb_weight)
 
 
 def validate(cfg: Config) -> None:
     """Check every choice in the config without building anything large (raises ValueError)."""
-    from nrdm.diffusion import SAMPLERS, SPACINGS
+    from nrdm.diffusion import SAMPLERS, SPACINGS, VARIANCES
     from nrdm.models.gated_unit import UnitConfig
 
     build_schedule(cfg)
@@ -154,6 +155,7 @@ def validate(cfg: Config) -> None:
                                  ("data.latent_sample", cfg.data.latent_sample, ("mean", "posterior")),
                                  ("sample.spacing", cfg.sample.spacing, SPACINGS),
                                  ("sample.precision", cfg.sample.precision, ("fp32", "bf16", "fp16")),
+                                 ("sample.variance", cfg.sample.variance, VARIANCES),
                                  ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")

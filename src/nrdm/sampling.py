@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nrdm.diffusion import VPSchedule, eps_predictor, sample
+from nrdm.models.blocks import unwrap
 from nrdm.models.caching import feature_cache
 from nrdm.models.conditions import take
 
@@ -80,6 +81,17 @@ def chunks(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[
     return [(a, min(a + batch_size, n)) for c, a in enumerate(range(0, n, batch_size)) if c % world_size == rank]
 
 
+def resolve_variance(model: nn.Module, variance: str) -> str:
+    """sample.variance with "auto" resolved: learned for a learned-sigma model, else fixed-small."""
+    learns_sigma = getattr(unwrap(model), "learn_sigma", False)
+    if variance == "auto":
+        return "learned" if learns_sigma else "fixed-small"
+    if variance == "learned" and not learns_sigma:
+        raise ValueError("sample.variance is 'learned' but this model has no variance output (model.learn_sigma: "
+                         "false); use auto, fixed-small or fixed-large")
+    return variance
+
+
 @torch.no_grad()
 def sample_options(sample_cfg, sampler: str | None = None) -> dict:
     """The sampler and guidance settings of a SampleConfig, as generate's `options` (each sampler
@@ -89,7 +101,7 @@ def sample_options(sample_cfg, sampler: str | None = None) -> dict:
     s = sample_cfg
     interval = tuple(s.guidance_interval) if s.guidance_interval else None
     eta = s.eta if (sampler or s.sampler) == "ddim" else s.sde_eta
-    return dict(spacing=s.spacing, eta=eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
+    return dict(spacing=s.spacing, variance=s.variance, eta=eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
                 guidance_interval=interval, cfg_rescale=s.cfg_rescale, cache_interval=s.cache_interval,
                 precision=s.precision, compile=s.compile)
 
@@ -106,6 +118,8 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
     options = {**(options or {}), "eta": eta} if eta is not None else dict(options or {})   # an explicit eta wins
     interval, rescale = options.pop("guidance_interval", None), options.pop("cfg_rescale", 0.0)
     cache_interval = options.pop("cache_interval", 1)
+    options["variance"] = resolve_variance(model, options.get("variance", "auto"))
+    with_variance = sampler == "ddpm" and options["variance"] == "learned"
     precision, compiled = options.pop("precision", "fp32"), options.pop("compile", False)
     network = torch.compile(model) if compiled else model                 # the module's attributes pass through
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -117,7 +131,7 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
             if skip is not None and skip(start, stop):
                 continue
             y = take(labels, start, stop).to(device) if labels is not None else None
-            eps_fn = eps_predictor(network, schedule, y, cfg_scale, interval, rescale)
+            eps_fn = eps_predictor(network, schedule, y, cfg_scale, interval, rescale, with_variance)
             gen = torch.Generator().manual_seed(noise_seed(seed, start, 1))
             x_T = initial_noise(tuple(model.sample_shape), seed, start, stop).to(device)
             with feature_cache(model, cache_interval) as cache, autocast():     # a fresh cache per batch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nrdm.cli import main as cli_main
-from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss
+from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss, eps_predictor, sample
 from nrdm.diffusion.loss import NoiseDraws
 from nrdm.models import build_model
 from nrdm.models.dit_import import DiTImportError, load_dit
@@ -107,6 +107,63 @@ def test_learned_sigma_trains_and_samples_on_the_prediction_channels():
     loss = diffusion_loss(model, x0, y, schedule, LossConfig(), draws=draws).loss
     out = model(schedule.add_noise(x0, draws.t, draws.noise), draws.t, y)
     torch.testing.assert_close(loss, (out[:, :2] - draws.noise).pow(2).mean())
+
+
+def imported(tmp_path):
+    dit = tiny_dit()
+    dit.save_pretrained(tmp_path / "dit")
+    kwargs, state = load_dit(tmp_path / "dit")
+    model = build_model(**kwargs).eval()
+    model.load_state_dict(state)
+    return dit, model
+
+
+def test_learned_variance_ddpm_matches_diffusers_ddpm_scheduler(tmp_path):
+    """Our ddpm with variance 'learned' against diffusers' DDPMScheduler (learned_range) stepping the
+    same DiT's 2C-channel output from the same noise; 10 'leading' steps, float32. Tolerance 1e-4:
+    the schedules differ in float64 (ours) against float32 (theirs)."""
+    dit, model = imported(tmp_path)
+    y = torch.tensor([0, 2, 1])
+    x_T = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    scheduler = diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=False)
+    scheduler.set_timesteps(10)
+    theirs, noise = x_T.clone(), torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = dit(theirs, timestep=t.expand(3), class_labels=y).sample
+            theirs = scheduler.step(out, t, theirs, generator=noise).prev_sample
+    schedule = VPSchedule("linear")
+
+    def ours(variance):
+        return sample(eps_predictor(model, schedule, y, with_variance=variance == "learned"), x_T, schedule, "ddpm",
+                      10, variance=variance, spacing="leading", generator=torch.Generator().manual_seed(4))
+
+    torch.testing.assert_close(ours("learned"), theirs, atol=1e-4, rtol=1e-4)
+    assert (ours("fixed-small") - theirs).abs().max() > 1e-2        # the learned variance made the difference
+
+
+def test_dit_pipeline_with_ddpm_and_our_sampler_give_the_same_images(tmp_path):
+    """diffusers' DiTPipeline (DDPMScheduler: fixed-small variance, x0 clipped to [-1, 1]; it steps
+    the prediction channels only) and our ddpm from the same noise, decoded by the same tiny VAE.
+    The pipeline draws its steps' noise from the global generator. Tolerance 1e-4 (float32)."""
+    dit, model = imported(tmp_path)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=2, block_out_channels=(8,),
+                                  norm_num_groups=4, sample_size=16).eval()
+    pipe = diffusers.DiTPipeline(transformer=dit, vae=vae, scheduler=diffusers.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    labels = [0, 2, 1]
+    torch.manual_seed(7)
+    images = pipe(labels, guidance_scale=1.0, generator=torch.Generator().manual_seed(3), num_inference_steps=10,
+                  output_type="pt").images
+    schedule = VPSchedule("linear")
+    x_T = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    latents = sample(eps_predictor(model, schedule, torch.tensor(labels)), x_T, schedule, "ddpm", 10,
+                     variance="fixed-small", spacing="leading", clip_x0=1.0, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert images.shape == ours.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(ours, images, atol=1e-4, rtol=1e-4)
 
 
 def test_import_dit_cli_makes_a_run_that_samples(tmp_path, capsys):

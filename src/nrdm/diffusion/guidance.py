@@ -1,6 +1,7 @@
 """From a network to the epsilon predictor that samplers consume, with classifier-free guidance.
 
-Guidance acts on the network's prediction (all channels; of a learned-sigma network the first C):
+Guidance acts on the network's prediction (all channels; of a learned-sigma network the first C,
+the variance values being the conditional pass's, as in DiT):
     out = out_uncond + s (out_cond - out_uncond)
 Both eps and v outputs are affine in the same x_t, so guiding the output guides eps. Two options:
 - guidance interval (Kynkaanniemi et al. 2024): guide only at noise levels lo < sigma <= hi,
@@ -14,9 +15,24 @@ import torch
 from torch import nn
 
 from nrdm.diffusion.samplers import EpsFn
-from nrdm.models.blocks import prediction_part
+from nrdm.models.blocks import split_output
 from nrdm.models.conditions import concat, is_conditional, null_condition
 from nrdm.diffusion.schedule import VPSchedule
+
+
+def _guided_pair(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels, scale: float,
+                 rescale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(guided prediction, the conditional half's variance values or None): the conditional and
+    unconditional pass in one batch; a learned variance is not guided (DiT takes the conditional one)."""
+    null = null_condition(model, x.shape[0], x.device)
+    out, variance = split_output(model, model(torch.cat([x, x]), torch.cat([t, t]), concat(labels, null)))  # (2B, ...)
+    cond, uncond = out.chunk(2)
+    guided = uncond + scale * (cond - uncond)
+    if rescale:
+        dims = tuple(range(1, guided.ndim))
+        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        guided = rescale * rescaled + (1 - rescale) * guided
+    return guided, None if variance is None else variance.chunk(2)[0]
 
 
 def guided_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels, scale: float,
@@ -24,25 +40,20 @@ def guided_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels, sc
     """Conditional and unconditional pass in one batch, combined with guidance scale `scale`
     (and CFG rescale phi = `rescale`). labels: class labels or TextEmbeddings; the unconditional
     half gets model.null_condition."""
-    null = null_condition(model, x.shape[0], x.device)
-    out = prediction_part(model, model(torch.cat([x, x]), torch.cat([t, t]), concat(labels, null)))  # (2B, ...)
-    cond, uncond = out.chunk(2)
-    guided = uncond + scale * (cond - uncond)
-    if rescale:
-        dims = tuple(range(1, guided.ndim))
-        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        guided = rescale * rescaled + (1 - rescale) * guided
-    return guided
+    return _guided_pair(model, x, t, labels, scale, rescale)[0]
 
 
 def eps_predictor(model: nn.Module, schedule: VPSchedule, labels=None, cfg_scale: float = 1.0,
-                  interval: tuple[float, float] | None = None, rescale: float = 0.0) -> EpsFn:
+                  interval: tuple[float, float] | None = None, rescale: float = 0.0,
+                  with_variance: bool = False) -> EpsFn:
     """Wrap a backbone as eps_fn(x, t).
 
     labels: (B,) class indices or TextEmbeddings, or None for an unconditional model /
     unconditional sampling of a conditional one (model.null_condition is used). cfg_scale = 1 is
     plain conditional sampling (one network pass); any other value runs the guided pair in one
     batch, at the steps whose sigma lies in `interval` = (lo, hi] (None: every step).
+    with_variance: eps_fn returns (eps, v), v the variance values of a learned-sigma model (None
+    for others), for DDPM's learned variance.
     """
     conditional = is_conditional(model)
     if labels is not None and not conditional:
@@ -51,20 +62,23 @@ def eps_predictor(model: nn.Module, schedule: VPSchedule, labels=None, cfg_scale
 
     def plain(x, t):
         y = labels if labels is not None or not conditional else null_condition(model, x.shape[0], x.device)
-        return prediction_part(model, model(x, t, y))
+        return split_output(model, model(x, t, y))
 
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def eps_fn(x: torch.Tensor, t: torch.Tensor):
         guide = torch.full(t.shape, labels is not None and cfg_scale != 1.0)
         if interval is not None:
             s = sigma[t.cpu()]
             guide &= (s > interval[0]) & (s <= interval[1])
         if guide.all():
-            out = guided_output(model, x, t, labels, cfg_scale, rescale)
+            out, variance = _guided_pair(model, x, t, labels, cfg_scale, rescale)
         elif not guide.any():
-            out = plain(x, t)
+            out, variance = plain(x, t)
         else:                                              # steps inside and outside the interval
             mask = guide.to(x.device).view(-1, *[1] * (x.ndim - 1))
-            out = torch.where(mask, guided_output(model, x, t, labels, cfg_scale, rescale), plain(x, t))
-        return schedule.to_eps(out, x, t)
+            (g_out, g_var), (p_out, p_var) = _guided_pair(model, x, t, labels, cfg_scale, rescale), plain(x, t)
+            out = torch.where(mask, g_out, p_out)
+            variance = None if p_var is None else torch.where(mask, g_var, p_var)
+        eps = schedule.to_eps(out, x, t)
+        return (eps, variance) if with_variance else eps
 
     return eps_fn

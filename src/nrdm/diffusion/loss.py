@@ -3,7 +3,9 @@
     L = E_n w(n) || F_theta(x_n, n) - target ||^2  +  gamma * sum_i ||alpha_i J_i - beta_i I||_F^2 / D
 
 with n uniform (or logit-normal in log-SNR, `timestep_sampling`) and w = 1 (or Min-SNR-gamma). For a
-multi-resolution backbone the first term may be a weighted sum over its branches (`branch_weights`).
+multi-resolution backbone the first term may be a weighted sum over its branches (`branch_weights`);
+for a learned-sigma model it may add the variational bound L_n that trains the variance (`vlb_weight`,
+the hybrid loss of improved DDPM).
 
 The first term is denoising score matching in its eps- (or v-) prediction form. The second is
 the residual-sensitivity penalty, summed over the gated units i; each term is estimated by
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 
 from nrdm.diffusion.schedule import TIMESTEP_SAMPLINGS, VPSchedule
-from nrdm.models.blocks import prediction_part, unwrap
+from nrdm.diffusion.variance import vlb_term
+from nrdm.models.blocks import split_output, unwrap
 from nrdm.models.conditions import null_condition, replace_where
 from nrdm.models.gated_unit import gated_units
 from nrdm.models.tracing import UnitTracer
@@ -38,6 +41,7 @@ class LossConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     branch_weights: tuple[float, ...] | None = None  # multi-resolution loss (multires backbone), coarse to fine
+    vlb_weight: float = 0.0     # hybrid loss: + vlb_weight * L_t (bits/dim) for a learned-sigma model
 
     def __post_init__(self):
         if self.probe not in PROBES:
@@ -47,8 +51,8 @@ class LossConfig:
                              f"{', '.join(TIMESTEP_SAMPLINGS)}")
         if self.gamma < 0 or self.penalty_units < 1 or not 0 <= self.label_drop <= 1:
             raise ValueError(f"need gamma >= 0, penalty_units >= 1, 0 <= label_drop <= 1; got {self}")
-        if self.min_snr_gamma < 0 or self.logit_std <= 0:
-            raise ValueError(f"need min_snr_gamma >= 0 and logit_std > 0; got {self}")
+        if self.min_snr_gamma < 0 or self.logit_std <= 0 or self.vlb_weight < 0:
+            raise ValueError(f"need min_snr_gamma >= 0, logit_std > 0 and vlb_weight >= 0; got {self}")
         if self.branch_weights is not None:
             self.branch_weights = tuple(float(w) for w in self.branch_weights)
             if not self.branch_weights or min(self.branch_weights) < 0 or not sum(self.branch_weights) > 0:
@@ -161,12 +165,25 @@ def branch_target(target: torch.Tensor, size: int) -> torch.Tensor:
     return target if ratio == 1 else ratio * nn.functional.avg_pool2d(target, ratio)
 
 
-def denoising_term(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels, target: torch.Tensor,
-                   schedule: VPSchedule, config: LossConfig) -> torch.Tensor:
+def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, labels,
+                   target: torch.Tensor, schedule: VPSchedule, config: LossConfig) -> torch.Tensor:
     """E w(n) ||F(x_n, n) - target||^2; with branch_weights (multi-resolution loss, DiMR),
-    sum_r w_r E w(n) ||F_r(x_n, n) - target_r||^2 over the branches r of a multires backbone."""
+    sum_r w_r E w(n) ||F_r(x_n, n) - target_r||^2 over the branches r of a multires backbone; with
+    vlb_weight (the hybrid loss), + vlb_weight E L_n of the learned variance, the mean's gradient
+    stopped (nrdm.diffusion.variance.vlb_term)."""
     if config.branch_weights is None:
-        return _mse(prediction_part(model, model(xt, t, labels)), target, schedule, t, config.min_snr_gamma)
+        prediction, variance = split_output(model, model(xt, t, labels))
+        mse = _mse(prediction, target, schedule, t, config.min_snr_gamma)
+        if not config.vlb_weight:
+            return mse
+        if variance is None:
+            raise ValueError("diffusion.vlb_weight > 0 trains a learned variance, but the model has none: set "
+                             "model.learn_sigma: true (flow backbone) or diffusion.vlb_weight: 0")
+        x0_pred = schedule.to_x0(prediction.detach(), xt, t)
+        return mse + config.vlb_weight * vlb_term(x0, xt, x0_pred, variance, t, schedule.alphas_cumprod).mean()
+    if config.vlb_weight:
+        raise ValueError("diffusion.vlb_weight (learned variance) and diffusion.branch_weights (multi-resolution "
+                         "loss) do not combine: the multires backbone has no variance output")
     predictions = model(xt, t, labels, all_branches=True)
     if len(predictions) != len(config.branch_weights):
         raise ValueError(f"diffusion.branch_weights has {len(config.branch_weights)} entries for a model with "
@@ -197,7 +214,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
     xt = schedule.add_noise(x0, t, noise)
     target = schedule.target(x0, t, noise)
     if config.gamma == 0 and not diagnostics:
-        mse = denoising_term(model, xt, t, labels, target, schedule, config)
+        mse = denoising_term(model, x0, xt, t, labels, target, schedule, config)
         return LossOutput(mse, mse.detach())
 
     units = gated_units(model)
@@ -207,7 +224,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
         penalized = [units[i] for i in pick]
     with UnitTracer(model, units=units if diagnostics else penalized, keep_inputs=penalized,
                     stats=diagnostics) as tracer:
-        mse = denoising_term(model, xt, t, labels, target, schedule, config)
+        mse = denoising_term(model, x0, xt, t, labels, target, schedule, config)
     if not penalized:
         return LossOutput(mse, mse.detach(), tracer=tracer)
     gather_sharded_parameters(model, penalized)

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nrdm.diffusion.schedule import VPSchedule
+from nrdm.diffusion.variance import VARIANCES, posterior_mean, step_log_variance
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -120,14 +121,36 @@ def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int
     return x
 
 
-def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int,
+@torch.no_grad()
+def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule: VPSchedule, steps: int, variance: str = "fixed-small",
                 generator: torch.Generator | None = None, progress: bool = False,
                 clip_x0: float | None = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral DDPM sampling on any sub-sequence of steps: each step draws from the Gaussian
-    posterior q(x_s | x_t, x0_hat), whose variance (1-a_s)/(1-a_t) (1 - a_t/a_s) is exactly DDIM's
-    sigma^2 at eta = 1 (and DDPM's beta-tilde when steps = T)."""
-    return sample_ddim(eps_fn, x, schedule, steps, eta=1.0, generator=generator, progress=progress, clip_x0=clip_x0,
-                       spacing=spacing)
+    """Ancestral DDPM sampling on any sub-sequence of steps (respaced as in improved DDPM: between
+    visited steps t -> s, beta = 1 - a_t / a_s). Each step draws x_s ~ N(mean, var) with the
+    posterior mean of the predicted x0 (`variance.posterior_mean`) and var by `variance`:
+    fixed-small beta~ = (1 - a_s)/(1 - a_t) beta (the true posterior's, DDIM's sigma^2 at eta = 1;
+    DDPM's beta~ when steps = T), fixed-large beta, or learned (improved DDPM / DiT: eps_fn returns
+    (eps, v) and log var = f log beta + (1 - f) log beta~, f = (v + 1) / 2; see
+    guidance.eps_predictor(with_variance=True)). The last step (to clean data) adds no noise."""
+    if variance not in VARIANCES[1:]:
+        raise ValueError(f"unknown DDPM variance {variance!r}; allowed: {', '.join(VARIANCES[1:])}")
+    learned = variance == "learned"
+    for t, a_t, a_s in _steps(_path(schedule, steps, spacing), progress, "ddpm"):
+        out = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        eps, v = out if learned else (out, None)
+        if learned and not isinstance(out, tuple):
+            raise ValueError("variance 'learned' needs eps_fn to return (eps, v): build it with "
+                             "eps_predictor(..., with_variance=True) from a learned-sigma model")
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        x_next = posterior_mean(x0, x, a_t, a_s)
+        if a_s < 1.0:
+            log_var = step_log_variance(variance, torch.tensor(a_t, dtype=torch.float64),
+                                        torch.tensor(a_s, dtype=torch.float64), v)
+            x_next = x_next + (0.5 * log_var).exp().to(x.dtype) * _randn_like(x, generator)
+        x = x_next
+    return x
 
 
 @torch.no_grad()

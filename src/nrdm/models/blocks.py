@@ -95,11 +95,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def prediction_part(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """The prediction (eps, v) of a network output: for learned-sigma models (2C channels) the
-    first C channels, the rest being the variance interpolation; otherwise the output itself."""
+def split_output(model: nn.Module, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, variance values) of a network output: for learned-sigma models (2C channels)
+    the first C channels (eps or v) and the rest (improved DDPM's variance interpolation v in
+    about [-1, 1]); otherwise (out, None)."""
     model = unwrap(model)
-    return out[:, :model.in_channels] if getattr(model, "learn_sigma", False) else out
+    if not getattr(model, "learn_sigma", False):
+        return out, None
+    return out[:, :model.in_channels], out[:, model.in_channels:]
+
+
+def prediction_part(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """The prediction (eps, v) of a network output (see split_output)."""
+    return split_output(model, out)[0]
 
 
 def wants_input_conditioning(setting: str, unit: UnitConfig) -> bool:
