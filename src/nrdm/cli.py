@@ -366,6 +366,9 @@ def _import_dit(args) -> int:
                   **{k: kwargs[k] for k in ("width", "depth", "heads", "patch_size", "mlp_ratio", "variant",
                                              "gate_source", "learn_sigma", "embeddings")}}
     sets = [f"model.{k}={'null' if v is None else json.dumps(v)}" for k, v in model_keys.items()]
+    # DiT's diffusion: linear betas, T = 1000, eps-prediction; a learned variance is trained by the hybrid loss
+    sets += ["diffusion.schedule=linear", "diffusion.num_timesteps=1000", "diffusion.prediction=eps",
+             f"diffusion.vlb_weight={1.0 if kwargs['learn_sigma'] else 0.0}"]
     cfg = load_config(args.preset, sets + args.set)
     validate(cfg)
     model = build_model_from_config(cfg)

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from nrdm.cli import main as cli_main
+from nrdm.factory import load_run
 from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss, eps_predictor, sample
 from nrdm.diffusion.loss import NoiseDraws
 from nrdm.models import build_model
 from nrdm.models.dit_import import DiTImportError, load_dit
+from nrdm.sampling import resolve_variance
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -166,16 +168,29 @@ def test_dit_pipeline_with_ddpm_and_our_sampler_give_the_same_images(tmp_path):
     torch.testing.assert_close(ours, images, atol=1e-4, rtol=1e-4)
 
 
+def test_sample_variance_auto_follows_the_model():
+    shape = dict(backbone="flow", image_size=8, in_channels=2, width=16, depth=1, heads=2, patch_size=2)
+    sigma, plain = build_model(**shape, learn_sigma=True), build_model(**shape)
+    assert (resolve_variance(sigma, "auto"), resolve_variance(plain, "auto")) == ("learned", "fixed-small")
+    assert resolve_variance(sigma, "fixed-large") == "fixed-large"
+    with pytest.raises(ValueError, match="no variance output \\(model.learn_sigma: false\\)"):
+        resolve_variance(plain, "learned")
+
+
 def test_import_dit_cli_makes_a_run_that_samples(tmp_path, capsys):
     dit = tiny_dit(in_channels=1, classes=10)
     dit.save_pretrained(tmp_path / "dit")
     run = tmp_path / "run"
     args = ["import-dit", str(tmp_path / "dit"), "--out", str(run), "--preset", "digits", "--set", "data.image_size=8"]
     assert cli_main(args) == 0
+    cfg = load_run(run)[0]
+    assert (cfg.model.learn_sigma, cfg.diffusion.vlb_weight, cfg.diffusion.schedule, cfg.diffusion.prediction) == \
+        (True, 1.0, "linear", "eps")                                 # DiT's diffusion and hybrid loss
     assert cli_main(args) == 2 and "already holds a run" in capsys.readouterr().err
     out = tmp_path / "s.png"
     assert cli_main(["sample", str(run), "--n", "4", "--steps", "2", "--out", str(out), "--class", "3"]) == 0
     assert out.exists()
+    assert cli_main(["sample", str(run), "--n", "4", "--steps", "2", "--out", str(out), "--sampler", "ddpm"]) == 0
     wrong = ["import-dit", str(tmp_path / "dit"), "--out", str(tmp_path / "x"), "--preset", "digits"]
     assert cli_main(wrong) == 2
     assert "takes (channels, side, classes) = (1, 8, 10)" in capsys.readouterr().err
