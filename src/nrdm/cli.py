@@ -1,4 +1,4 @@
-"""Command line: `nrdm train | sample | eval | latents | autoencoder | lab | plot | import-dit | info`.
+"""Command line: `nrdm train | sample | eval | latents | autoencoder | lab | plot | import-dit | export | info`.
 
     nrdm train digits --out runs/digits [--set train.steps=500]... [--resume]
     nrdm sample runs/digits -n 64 --out grid.png [--sampler dpm++2m --steps 25 --cfg 2 --seed 0 --class 3]
@@ -10,6 +10,7 @@
     nrdm lab toy --out runs/lab-toy  /  nrdm lab image --out runs/lab-image   (depth-scaling grids)
     nrdm plot runs/a runs/b --out plots/  (loss, lr, images/s, eval metrics, per-unit sensitivity; overlaid)
     nrdm import-dit DiT-XL-2-256x256.pt --out runs/dit-xl2   (DiT weights as a run: sample, eval, fine-tune)
+    nrdm export runs/digits --out exported/digits   (a diffusers folder: NRDMPipeline.from_pretrained)
     nrdm info runs/digits            (or a preset / YAML: validate it and count parameters and FLOPs)
 
 Multi-process: torchrun --nproc_per_node=N -m nrdm.cli train|sample|eval|latents ...  (same arguments;
@@ -384,6 +385,18 @@ def _import_dit(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from nrdm.pipelines.diffusers_pipeline import export_run
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; choose a new --out")
+    export_run(args.run, out, args.checkpoint)
+    print(f"exported {args.run} to {out}: NRDMPipeline.from_pretrained({str(out)!r}) "
+          f"(from nrdm.pipelines.diffusers_pipeline)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nrdm", description="Neural Residual Diffusion Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -510,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, help="attention heads (default: DiT's for the width)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_import_dit)
+
+    p = sub.add_parser("export", help="a run as a diffusers folder (NRDMPipeline.from_pretrained, push_to_hub)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="new folder: model/, scheduler/, vae/ (latent runs), model_index.json")
+    p.add_argument("--checkpoint", help="step-N, N or a checkpoint path (default: the latest; its EMA weights)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("info", help="config, parameters, FLOPs and step of a run (or of a preset/YAML)")
     p.add_argument("target", help="run directory, preset name or YAML file")

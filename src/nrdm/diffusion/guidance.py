@@ -43,6 +43,17 @@ def guided_output(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels, sc
     return _guided_pair(model, x, t, labels, scale, rescale)[0]
 
 
+def model_prediction(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels=None, scale: float = 1.0,
+                     rescale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, variance values or None) of the network at (x, t): guided when labels are given
+    and scale != 1, else one pass (labels None: the null condition of a conditional model)."""
+    if labels is not None and scale != 1.0:
+        return _guided_pair(model, x, t, labels, scale, rescale)
+    if labels is None and is_conditional(model):
+        labels = null_condition(model, x.shape[0], x.device)
+    return split_output(model, model(x, t, labels))
+
+
 def eps_predictor(model: nn.Module, schedule: VPSchedule, labels=None, cfg_scale: float = 1.0,
                   interval: tuple[float, float] | None = None, rescale: float = 0.0,
                   with_variance: bool = False) -> EpsFn:
@@ -55,14 +66,9 @@ def eps_predictor(model: nn.Module, schedule: VPSchedule, labels=None, cfg_scale
     with_variance: eps_fn returns (eps, v), v the variance values of a learned-sigma model (None
     for others), for DDPM's learned variance.
     """
-    conditional = is_conditional(model)
-    if labels is not None and not conditional:
+    if labels is not None and not is_conditional(model):
         raise ValueError("a condition was given but the model is unconditional (num_classes = 0, no text)")
     sigma = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
-
-    def plain(x, t):
-        y = labels if labels is not None or not conditional else null_condition(model, x.shape[0], x.device)
-        return split_output(model, model(x, t, y))
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor):
         guide = torch.full(t.shape, labels is not None and cfg_scale != 1.0)
@@ -72,10 +78,11 @@ def eps_predictor(model: nn.Module, schedule: VPSchedule, labels=None, cfg_scale
         if guide.all():
             out, variance = _guided_pair(model, x, t, labels, cfg_scale, rescale)
         elif not guide.any():
-            out, variance = plain(x, t)
+            out, variance = model_prediction(model, x, t, labels)
         else:                                              # steps inside and outside the interval
             mask = guide.to(x.device).view(-1, *[1] * (x.ndim - 1))
-            (g_out, g_var), (p_out, p_var) = _guided_pair(model, x, t, labels, cfg_scale, rescale), plain(x, t)
+            (g_out, g_var) = _guided_pair(model, x, t, labels, cfg_scale, rescale)
+            (p_out, p_var) = model_prediction(model, x, t, labels)
             out = torch.where(mask, g_out, p_out)
             variance = None if p_var is None else torch.where(mask, g_var, p_var)
         eps = schedule.to_eps(out, x, t)

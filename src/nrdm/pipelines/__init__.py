@@ -1,0 +1,2 @@
+"""Interfaces to other tools' pipelines: nrdm.pipelines.diffusers_pipeline (NRDMModel, NRDMPipeline,
+export_run; needs the diffusers extra)."""
