@@ -120,10 +120,12 @@ def imported(tmp_path):
     return dit, model
 
 
-def test_learned_variance_ddpm_matches_diffusers_ddpm_scheduler(tmp_path):
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_learned_variance_ddpm_matches_diffusers_ddpm_scheduler(tmp_path, cfg):
     """Our ddpm with variance 'learned' against diffusers' DDPMScheduler (learned_range) stepping the
-    same DiT's 2C-channel output from the same noise; 10 'leading' steps, float32. Tolerance 1e-4:
-    the schedules differ in float64 (ours) against float32 (theirs)."""
+    same DiT's 2C-channel output from the same noise; 10 'leading' steps, float32. Guided, as DiT's
+    forward_with_cfg: the eps channels guided, the variance channels the conditional pass's.
+    Tolerance 1e-4: the schedules differ in float64 (ours) against float32 (theirs)."""
     dit, model = imported(tmp_path)
     y = torch.tensor([0, 2, 1])
     x_T = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -132,12 +134,14 @@ def test_learned_variance_ddpm_matches_diffusers_ddpm_scheduler(tmp_path):
     theirs, noise = x_T.clone(), torch.Generator().manual_seed(4)
     with torch.no_grad():
         for t in scheduler.timesteps:
-            out = dit(theirs, timestep=t.expand(3), class_labels=y).sample
-            theirs = scheduler.step(out, t, theirs, generator=noise).prev_sample
+            out = dit(torch.cat([theirs, theirs]), timestep=t.expand(6), class_labels=torch.cat([y, torch.full_like(y, 3)])).sample
+            cond, uncond = out.chunk(2)                              # the null class is 3
+            eps = uncond[:, :2] + cfg * (cond[:, :2] - uncond[:, :2])
+            theirs = scheduler.step(torch.cat([eps, cond[:, 2:]], 1), t, theirs, generator=noise).prev_sample
     schedule = VPSchedule("linear")
 
     def ours(variance):
-        return sample(eps_predictor(model, schedule, y, with_variance=variance == "learned"), x_T, schedule, "ddpm",
+        return sample(eps_predictor(model, schedule, y, cfg, with_variance=variance == "learned"), x_T, schedule, "ddpm",
                       10, variance=variance, spacing="leading", generator=torch.Generator().manual_seed(4))
 
     torch.testing.assert_close(ours("learned"), theirs, atol=1e-4, rtol=1e-4)
