@@ -153,3 +153,21 @@ def test_learned_variance_errors_are_clear():
         sample(gaussian_eps_fn(s), torch.zeros(2, 1), s, "ddpm", 5, variance="learned")
     with pytest.raises(ValueError, match="unknown DDPM variance 'auto'"):
         sample(gaussian_eps_fn(s), torch.zeros(2, 1), s, "ddpm", 5, variance="auto")
+
+
+def test_a_learned_sigma_run_trains_with_the_hybrid_loss_and_samples_with_its_variance(tmp_path, tiny_overrides):
+    import json
+
+    from nrdm.cli import main as cli_main
+    from nrdm.config import load_config
+    from nrdm.training import train
+
+    flow = ["model.size=null", "model.backbone=flow", "model.channel_mult=null", "model.attention_resolution=null",
+            "model.width=16", "model.depth=1", "model.heads=2", "model.patch_size=2", "model.learn_sigma=true",
+            "model.variant=adaln-zero", "diffusion.vlb_weight=1.0", "train.steps=4"]
+    train(load_config("digits", tiny_overrides + flow), tmp_path / "run", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert cli_main(["sample", str(tmp_path / "run"), "--n", "4", "--steps", "3", "--sampler", "ddpm",
+                     "--out", str(tmp_path / "g.png")]) == 0
