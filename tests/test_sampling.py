@@ -1,6 +1,8 @@
 """Generating sample sets: rank-independent chunks and noise (the same .npz for any number of
 processes), resumable chunk files, grids of many-class models, and every module that touches a
 sample (autoencoder, text encoder, feature network) on the model's device."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,38 @@ def test_ddim_eta_does_not_silence_the_sde_samplers(tiny_config):
     assert sample_options(cfg.sample)["eta"] == 1.0
     assert sample_options(cfg.sample, "ddim")["eta"] == 0.0
     assert sample_options(tiny_config("sample.sde_eta=0.5").sample, "dpm++2m-sde")["eta"] == 0.5
+
+
+def test_a_run_copied_without_its_data_samples_and_evaluates(tmp_path, tiny_overrides, capsys):
+    """A folder-dataset run learns its class count by scanning data.root. With the folder gone the
+    run still rebuilds (model.json in each checkpoint) for sample, info and eval (reference
+    statistics and a feature network from files). A checkpoint saved before model.json existed
+    says what to do, and `nrdm info` where the data is writes it once."""
+    import shutil
+
+    from tests.data.test_datasets import make_folder
+    from tests.metrics.test_features import FakeInception
+
+    make_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    train(load_config("digits", tiny_overrides + ["data.name=folder", f"data.root={tmp_path / 'data'}",
+                                                  "data.image_size=8", "train.steps=2"]), run, progress=False)
+    torch.jit.script(FakeInception()).save(str(tmp_path / "net.pt"))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(6), sigma=np.eye(6))
+    shutil.rmtree(tmp_path / "data")
+    grid = ["sample", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    assert cli_main(grid) == 0
+    assert cli_main(["info", str(run)]) == 0 and '"num_classes": 2' in capsys.readouterr().out
+    result = tmp_path / "eval.json"
+    assert cli_main(["eval", str(run), "--n", "8", "--steps", "2", "--ref-stats", str(tmp_path / "ref.npz"),
+                     "--feature-net", str(tmp_path / "net.pt"), "--json", str(result)]) == 0
+    assert np.isfinite(json.loads(result.read_text())["metrics"]["fid"])
+
+    ckpt = next((run / "checkpoints").iterdir())
+    (ckpt / "model.json").unlink()                                   # as saved before model.json existed
+    assert cli_main(grid) == 2
+    assert "predates model.json" in capsys.readouterr().err
+    make_folder(tmp_path / "data")
+    assert cli_main(["info", str(run), "--no-flops"]) == 0 and (ckpt / "model.json").is_file()
+    shutil.rmtree(tmp_path / "data")
+    assert cli_main(grid) == 0

@@ -379,7 +379,8 @@ def _import_dit(args) -> int:
         raise ValueError(f"the checkpoint takes (channels, side, classes) = {want}; the config's data gives {have}: "
                          f"choose a preset (or --set data.*) whose (latent) data has that shape")
     model.load_state_dict(state)
-    save_checkpoint(out, 0, state, state, {"step": 0, "imported_from": str(args.source)}, cfg.to_yaml(), keep_last=1)
+    save_checkpoint(out, 0, state, state, {"step": 0, "imported_from": str(args.source)}, cfg.to_yaml(), keep_last=1,
+                    model_args=model.build_args)
     print(f"imported {args.source} ({sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters, "
           f"learn_sigma={kwargs['learn_sigma']}) into {out}: nrdm sample {out} / nrdm eval {out}")
     return 0

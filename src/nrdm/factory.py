@@ -120,10 +120,24 @@ def output_kwargs(cfg: Config, device: torch.device | str = "cpu") -> dict:
     return {} if codec is None else {"clip_x0": None, "decode": codec.to(device).decode}
 
 
-def build_model_from_config(cfg: Config) -> nn.Module:
-    model = build_model(cfg.model.size, **model_kwargs(cfg))
-    model.grad_checkpointing = cfg.model.grad_checkpointing
+def model_args(cfg: Config) -> dict:
+    """The model's resolved build arguments, JSON-ready: {"size": ..., **model_kwargs(cfg)}. Saved
+    with every checkpoint (model.json) so the model rebuilds where the data is not."""
+    return {"size": cfg.model.size, **{k: list(v) if isinstance(v, tuple) else v for k, v in model_kwargs(cfg).items()}}
+
+
+def build_model_from_args(args: dict, grad_checkpointing: bool = False) -> nn.Module:
+    """The model of `model_args` (e.g. read from a checkpoint's model.json); it keeps them as
+    `model.build_args` for checkpoints and exports."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if k != "size"}
+    model = build_model(args.get("size"), **kwargs)
+    model.grad_checkpointing = grad_checkpointing
+    model.build_args = dict(args)
     return model
+
+
+def build_model_from_config(cfg: Config) -> nn.Module:
+    return build_model_from_args(model_args(cfg), cfg.model.grad_checkpointing)
 
 
 def build_schedule(cfg: Config) -> VPSchedule:
@@ -200,11 +214,23 @@ def load_run(run_dir: str | Path, use_ema: bool = True, checkpoint: str | None =
     """(config, model in eval mode, schedule, checkpoint dir) of a run's latest checkpoint, or of
     `checkpoint` ("step-N", N or a path)."""
     from nrdm.config import from_dict
-    from nrdm.training.checkpoint import find_checkpoint, load_checkpoint
+    from nrdm.training.checkpoint import find_checkpoint, load_checkpoint, write_model_args
 
     ckpt = find_checkpoint(run_dir, checkpoint)
     loaded = load_checkpoint(ckpt, weights_only=True)
     cfg = from_dict(yaml.safe_load(loaded["config_yaml"]))
-    model = build_model_from_config(cfg)
+    args = loaded["model_args"]
+    if args is None:                # a checkpoint from before model.json: resolve once, where the data is
+        try:
+            args = model_args(cfg)
+        except (ValueError, OSError, ImportError) as err:
+            raise ValueError(f"{ckpt} predates model.json (the model's saved build arguments) and they cannot be "
+                             f"resolved here: {err}. Run `nrdm info {run_dir}` once where the run's data and "
+                             f"text model are; it writes them into the checkpoint") from err
+        try:
+            write_model_args(ckpt, args)
+        except OSError:             # a read-only copy: resolve again next time
+            pass
+    model = build_model_from_args(args, cfg.model.grad_checkpointing)
     model.load_state_dict(loaded["ema" if use_ema else "model"])
     return cfg, model.eval(), build_schedule(cfg), ckpt

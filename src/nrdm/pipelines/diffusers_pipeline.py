@@ -33,7 +33,7 @@ from diffusers.utils import BaseOutput  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from nrdm.diffusion.guidance import model_prediction  # noqa: E402
-from nrdm.models.registry import build_model  # noqa: E402
+from nrdm.factory import build_model_from_args  # noqa: E402
 
 # the diffusers scheduler that runs each of our samplers (the same update rule)
 SCHEDULERS = {
@@ -59,13 +59,13 @@ class NRDMModelOutput(BaseOutput):
 
 class NRDMModel(ModelMixin, ConfigMixin):
     """A neural-rdm backbone as a diffusers model. config.json holds `size` and `backbone_kwargs`,
-    the arguments of nrdm.models.build_model, so `from_pretrained` rebuilds it with nothing else."""
+    the model's build arguments (a checkpoint's model.json), so `from_pretrained` rebuilds it with
+    nothing else."""
 
     @register_to_config
     def __init__(self, size: str | None = None, backbone_kwargs: dict | None = None):
         super().__init__()
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_kwargs or {}).items()}
-        self.backbone = build_model(size, **kwargs)
+        self.backbone = build_model_from_args({"size": size, **(backbone_kwargs or {})})
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True):
@@ -171,7 +171,7 @@ def scheduler_from_config(cfg, variance: str):
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
     """Write a run's EMA weights, scheduler and (latent runs) VAE as a diffusers folder at `out`."""
-    from nrdm.factory import latent_codec, load_run, model_kwargs
+    from nrdm.factory import latent_codec, load_run
     from nrdm.models.autoencoder import DiffusersVAE
     from nrdm.sampling import resolve_variance
 
@@ -186,8 +186,8 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
             raise ValueError(f"{cfg.data.vae} is the project's own autoencoder; a diffusers folder needs a diffusers "
                              f"AutoencoderKL (export runs on pixels or on an SD-VAE's latents)")
         vae = codec.vae
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in model_kwargs(cfg).items()}
-    exported = NRDMModel(size=cfg.model.size, backbone_kwargs=kwargs)
+    args = dict(model.build_args)
+    exported = NRDMModel(size=args.pop("size"), backbone_kwargs=args)
     exported.backbone.load_state_dict(model.state_dict())
     scheduler = scheduler_from_config(cfg, resolve_variance(model, cfg.sample.variance))
     out = Path(out)

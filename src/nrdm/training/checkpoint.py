@@ -7,6 +7,8 @@
                             seed and world size (read with weights_only=True; the data order and
                             noise are functions of seed and step, so no RNG state is needed)
         config.yaml         the run's configuration
+        model.json          the model's resolved build arguments (nrdm.factory.build_model_from_args),
+                            so the model rebuilds without the run's data or text model
 
 A checkpoint is first written to `step-XXXXXXXX.tmp/`, flushed to disk, then renamed: a crash at
 any point leaves either the complete new checkpoint or none, never a half-written one, and the
@@ -15,6 +17,7 @@ also every checkpoint whose step is a multiple of K (the points of a quality-aga
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +30,7 @@ from safetensors.torch import load_file, save_file
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+MODEL_ARGS = "model.json"              # written since 2026-12; older checkpoints lack it
 
 
 class CheckpointError(RuntimeError):
@@ -73,7 +77,7 @@ def find_checkpoint(run_dir: str | Path, which: str | None = None) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
-                    config_yaml: str, keep_last: int = 2, keep_every: int = 0) -> Path:
+                    config_yaml: str, keep_last: int = 2, keep_every: int = 0, model_args: dict | None = None) -> Path:
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -86,7 +90,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
     save_file(contiguous(ema_state), str(tmp / "ema.safetensors"))
     torch.save(train_state, tmp / "state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
-    for name in FILES:
+    if model_args is not None:
+        (tmp / MODEL_ARGS).write_text(json.dumps(model_args, indent=1))
+    for name in FILES + ((MODEL_ARGS,) if model_args is not None else ()):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     if final.exists():              # re-saving the same step (e.g. the final step after resume)
@@ -99,14 +105,28 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, ema_state
     return final
 
 
+def write_model_args(path: str | Path, model_args: dict) -> None:
+    """Add model.json to an existing checkpoint (one saved before it existed), atomically."""
+    tmp = Path(path) / (MODEL_ARGS + ".tmp")
+    tmp.write_text(json.dumps(model_args, indent=1))
+    tmp.replace(Path(path) / MODEL_ARGS)
+
+
 def load_checkpoint(path: str | Path, weights_only: bool = False) -> dict:
-    """{'model', 'ema' (state dicts), 'state' (dict, unless weights_only), 'config_yaml', 'path'}."""
+    """{'model', 'ema' (state dicts), 'state' (dict, unless weights_only), 'config_yaml', 'model_args'
+    (dict, or None for checkpoints saved before model.json existed), 'path'}."""
     path = Path(path)
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
                               f"delete it to resume from an earlier checkpoint")
-    out = {"path": path, "config_yaml": (path / "config.yaml").read_text()}
+    out = {"path": path, "config_yaml": (path / "config.yaml").read_text(), "model_args": None}
+    if (path / MODEL_ARGS).is_file():
+        try:
+            out["model_args"] = json.loads((path / MODEL_ARGS).read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"checkpoint file {path / MODEL_ARGS} is corrupt ({err}); delete it: it is "
+                                  f"resolved again from config.yaml where the run's data is") from err
     for key in ("model", "ema"):
         file = path / f"{key}.safetensors"
         try:

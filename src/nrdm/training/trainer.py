@@ -199,6 +199,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                          f"config expects {expected[0]}, {expected[1]}px, {cfg.data.frames} frames")
     torch.manual_seed(tc.seed)                       # same initial weights on every rank and every run
     model = build_model_from_config(cfg).to(env.device)
+    build_args = model.build_args                   # saved with every checkpoint (model.json)
     if model.num_classes and dataset.num_classes > model.num_classes:
         raise ValueError(f"dataset has {dataset.num_classes} classes but the model {model.num_classes}; "
                          f"fix data.num_classes")
@@ -360,7 +361,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                                  "scaler": scaler.state_dict() if scaler is not None else {}, "bad_steps": bad_steps,
                                  "divergence": monitor.state_dict() if monitor is not None else {},
                                  "seed": tc.seed, "world_size": env.world_size},
-                                cfg.to_yaml(), tc.keep_last, tc.keep_every)
+                                cfg.to_yaml(), tc.keep_last, tc.keep_every, model_args=build_args)
             barrier(env)
         if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             grid = write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device, prompts)
