@@ -58,7 +58,7 @@ def positive_int(text: str) -> int:
 def _train(args) -> int:
     from nrdm.config import load_config, from_dict
     from nrdm.training import train
-    from nrdm.training.checkpoint import latest_checkpoint
+    from nrdm.checkpoint import latest_checkpoint
 
     out = Path(args.out)
     if args.resume and args.config is None:
@@ -357,7 +357,7 @@ def _import_dit(args) -> int:
     from nrdm.config import load_config
     from nrdm.factory import build_model_from_config, validate
     from nrdm.models.dit_import import load_dit
-    from nrdm.training.checkpoint import latest_checkpoint, save_checkpoint
+    from nrdm.checkpoint import latest_checkpoint, save_checkpoint
 
     out = Path(args.out)
     if latest_checkpoint(out) is not None:

@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+from nrdm.checkpoint import find_checkpoint, load_checkpoint, write_model_args
 from nrdm.config import Config
 from nrdm.data.datasets import data_shape
 from nrdm.data.latents import LatentShards, extract_latent_shards, source_fingerprint
@@ -214,7 +215,6 @@ def load_run(run_dir: str | Path, use_ema: bool = True, checkpoint: str | None =
     """(config, model in eval mode, schedule, checkpoint dir) of a run's latest checkpoint, or of
     `checkpoint` ("step-N", N or a path)."""
     from nrdm.config import from_dict
-    from nrdm.training.checkpoint import find_checkpoint, load_checkpoint, write_model_args
 
     ckpt = find_checkpoint(run_dir, checkpoint)
     loaded = load_checkpoint(ckpt, weights_only=True)

@@ -117,7 +117,7 @@ def test_mirrored_latents_replace_mirroring_in_the_batch_stream(tmp_path):
 
 def test_training_from_memory_mapped_latents_equals_the_in_memory_tensor(tmp_path, tiny_config, monkeypatch):
     from nrdm.training import trainer
-    from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint
+    from nrdm.checkpoint import latest_checkpoint, load_checkpoint
 
     cfg = tiny_config("train.steps=3", "train.ckpt_every=3", "data.hflip=true")
     pixels = trainer.build_dataset(cfg.data)

@@ -37,7 +37,7 @@ from nrdm.factory import (build_dataset, build_loss_config, build_model_from_con
                           text_encoder, validate)
 from nrdm.models import count_parameters, no_weight_decay_names
 from nrdm.sampling import generate, sample_conditions, sample_options, save_samples
-from nrdm.training.checkpoint import latest_checkpoint, load_checkpoint, load_initial_weights, save_checkpoint
+from nrdm.checkpoint import latest_checkpoint, load_checkpoint, load_initial_weights, save_checkpoint
 from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from nrdm.training.ema import EMA

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from nrdm.training import checkpoint as ckpt_mod
-from nrdm.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nrdm import checkpoint as ckpt_mod
+from nrdm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
 def save(run, step, value=1.0, keep=2, keep_every=0):
@@ -80,4 +80,14 @@ def test_incomplete_checkpoint(tmp_path):
     path = save(tmp_path, 1)
     (path / "state.pt").unlink()
     with pytest.raises(CheckpointError, match=r"incomplete \(missing state.pt\)"):
+        load_checkpoint(path)
+
+
+def test_model_args_round_trip_and_a_corrupt_file_is_explained(tmp_path):
+    state = {"w": torch.zeros(2)}
+    path = save_checkpoint(tmp_path, 1, state, state, {"step": 1}, "train: {}\n", model_args={"size": None, "width": 8})
+    assert load_checkpoint(path)["model_args"] == {"size": None, "width": 8}
+    assert load_checkpoint(save(tmp_path, 2))["model_args"] is None          # saved without them (older runs)
+    (path / "model.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.json is corrupt"):
         load_checkpoint(path)
