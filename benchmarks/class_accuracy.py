@@ -9,9 +9,8 @@ import argparse
 import time
 from pathlib import Path
 
+from nrdm.data import build_dataset, dataset_spec, pixel_config
 from nrdm.factory import load_run
-from nrdm.factory import build_dataset
-from nrdm.data.datasets import load_digits_dataset
 from nrdm.metrics.classifier import accuracy, predict, train_classifier
 from nrdm.sampling import generate, grid_labels, sample_options
 
@@ -28,13 +27,9 @@ def main():
     args = parser.parse_args()
 
     cfg, model, schedule, ckpt = load_run(Path(args.run))
-    if cfg.data.name == "digits":
-        train_set = load_digits_dataset(cfg.data.image_size, "train-only")
-        test_set = load_digits_dataset(cfg.data.image_size, "test")
-    else:
-        train_set = build_dataset(cfg.data)
-        test_cfg = type(cfg.data)(**{**cfg.data.__dict__, "split": "test"})
-        test_set = build_dataset(test_cfg)
+    spec = dataset_spec(cfg.data.name)
+    train_set = build_dataset(pixel_config(cfg.data, captions=False, split=spec.disjoint_train_split))
+    test_set = build_dataset(pixel_config(cfg.data, captions=False, split=spec.held_out_split))
     start = time.time()
     clf = train_classifier(train_set.images, train_set.labels, train_set.num_classes, epochs=args.epochs,
                            progress=True)

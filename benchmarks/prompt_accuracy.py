@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from nrdm.data.captions import (DIGIT_TEMPLATES, DIGIT_WORDS, FASHION_TEMPLATES, FASHION_WORDS, class_caption,
-                                indefinite_article)
+from nrdm.data.captions import class_caption, indefinite_article
+from nrdm.data.registry import dataset_spec
 from nrdm.factory import load_run, output_kwargs, text_encoder
 from nrdm.metrics.features import domain_network
 from nrdm.sampling import generate, grid_labels, sample_options
@@ -29,7 +29,7 @@ UNSEEN = {
 
 
 def unseen_caption(dataset: str, label: int, template: str) -> str:
-    word = FASHION_WORDS[label] if dataset == "fashion" else DIGIT_WORDS[label]
+    word = dataset_spec(dataset).class_words[label]
     return template.format(article=indefinite_article(word), word=word, digit=label)
 
 
@@ -55,7 +55,7 @@ def main():
     print(f"{args.n} samples per template from {ckpt} ({sampler}, {steps} steps, cfg {cfg_scale}, seed {args.seed})")
 
     labels = grid_labels(args.n, 10)
-    seen = range(len(FASHION_TEMPLATES if dataset == "fashion" else DIGIT_TEMPLATES))
+    seen = range(len(dataset_spec(dataset).caption_templates))
     rows = [("seen", lambda k, t=t: class_caption(dataset, k, t)) for t in seen]
     rows += [("unseen", lambda k, t=t: unseen_caption(dataset, k, t)) for t in UNSEEN[dataset]]
     accuracy: dict[str, list[float]] = {"seen": [], "unseen": []}

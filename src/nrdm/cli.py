@@ -242,8 +242,8 @@ def _latents(args) -> int:
     import dataclasses
 
     from nrdm.config import load_config
-    from nrdm.data.datasets import held_out_split
-    from nrdm.factory import build_pixel_dataset, latent_dataset, validate
+    from nrdm.data.registry import build_dataset, held_out_split, pixel_config
+    from nrdm.factory import latent_dataset, validate
     from nrdm.training.distributed import init_distributed
 
     cfg = load_config(args.config, args.set)
@@ -254,7 +254,7 @@ def _latents(args) -> int:
     splits = args.splits or [cfg.data.split] + ([held_out_split(cfg.data)] if held_out_split(cfg.data) else [])
     for split in splits:
         data = dataclasses.replace(cfg.data, split=split)
-        pixels = build_pixel_dataset(dataclasses.replace(data, vae=None))
+        pixels = build_dataset(pixel_config(data))
         latents = latent_dataset(data, pixels, env.device, args.batch_size, args.shard_size, progress=env.is_main)
         if env.is_main:
             print(f"{split}: {len(latents)} latents of shape {tuple(latents.manifest['shape'])} from {cfg.data.vae} "
@@ -264,16 +264,12 @@ def _latents(args) -> int:
 
 def _autoencoder(args) -> int:
     """Train the project's small autoencoder on a config's data (for offline latent diffusion)."""
-    import dataclasses
-
     from nrdm.config import load_config
-    from nrdm.data import build_dataset
+    from nrdm.data import build_dataset, materialise, pixel_config
     from nrdm.models.autoencoder import SmallAutoencoder
 
     cfg = load_config(args.config, args.set)
-    data = build_dataset(dataclasses.replace(cfg.data, vae=None, captions=False, split="train"))
-    images = data.batch(torch.arange(len(data)))[0] if hasattr(data, "batch") else torch.stack(
-        [data[i][0] for i in range(len(data))])
+    images = materialise(build_dataset(pixel_config(cfg.data, captions=False, split="train")))[0]
     if images.dim() == 5:                                       # clips: an image autoencoder on their frames
         images = images.transpose(1, 2).flatten(0, 1)           # (N*F, C, H, W)
     ae = SmallAutoencoder(images.shape[1], args.latent_channels, args.width, args.levels)

@@ -1,7 +1,6 @@
 """From a run configuration to the objects it describes (model, schedule, loss settings)."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -11,9 +10,9 @@ from torch import nn
 
 from nrdm.checkpoint import find_checkpoint, load_checkpoint, write_model_args
 from nrdm.config import Config
-from nrdm.data.datasets import data_shape
 from nrdm.data.latents import LatentShards, extract_latent_shards, source_fingerprint
-from nrdm.data.datasets import build_dataset as build_pixel_dataset
+from nrdm.data.registry import build_dataset as build_pixel_dataset
+from nrdm.data.registry import check_video, data_shape, dataset_spec, pixel_config
 from nrdm.diffusion import LossConfig, VPSchedule
 from nrdm.models import build_model
 from nrdm.models.registry import MODEL_SIZES, VIDEO_BACKBONES
@@ -83,7 +82,7 @@ def latent_codec(data):
 def build_dataset(data, device: torch.device | str = "cpu", progress: bool = True) -> torch.utils.data.Dataset:
     """The training data of a DataConfig: pixels (nrdm.data.build_dataset), or, when data.vae is
     set, their latents read memory-mapped from the cache (extracted on first use on `device`)."""
-    pixels = build_pixel_dataset(dataclasses.replace(data, vae=None))
+    pixels = build_pixel_dataset(pixel_config(data))
     return latent_dataset(data, pixels, device, progress=progress) if data.vae else pixels
 
 
@@ -194,9 +193,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
     if not 0.0 <= t.min_lr <= t.lr:
         raise ValueError(f"train.min_lr must lie in [0, train.lr={t.lr}], got {t.min_lr}")
-    from nrdm.data.datasets import check_video
     check_video(cfg.data)
-    captioned = cfg.data.captions or cfg.data.name == "captions"
+    captioned = cfg.data.captions or dataset_spec(cfg.data.name).captioned
     if captioned != bool(cfg.model.text_encoder):
         raise ValueError("caption data (data.captions=true or data.name=captions) and model.text_encoder go "
                          "together: set both (e.g. model.text_encoder=minilm) or neither")

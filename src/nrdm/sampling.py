@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nrdm.data.registry import dataset_spec
 from nrdm.diffusion import VPSchedule, eps_predictor, sample
 from nrdm.models.blocks import unwrap
 from nrdm.models.caching import feature_cache
@@ -49,8 +50,9 @@ def sample_conditions(model: nn.Module, cfg, n: int, prompts: list[str] | None =
         if prompts is None:
             if not cfg.data.captions:
                 raise ValueError("this text model was trained on a caption file: pass prompts (--prompt)")
-            classes = grid_labels(n, 10)
-            prompts = class_prompts(cfg.data.name, torch.arange(10))
+            num_classes = len(dataset_spec(cfg.data.name).class_words)
+            classes = grid_labels(n, num_classes)
+            prompts = class_prompts(cfg.data.name, torch.arange(num_classes))
         ordered = [prompts[i % len(prompts)] for i in range(n)]
         device = next(model.parameters(), torch.empty(0)).device if hasattr(model, "parameters") else None
         return text_encoder(cfg, device)(ordered), classes, min(len(prompts), n)   # encoder follows the model

@@ -14,7 +14,7 @@ from nrdm.data.datasets import load_digits_dataset
 def test_embedded_captions_name_the_class():
     data = embed_captions(load_digits_dataset(8))
     assert len(set(data.captions)) > 10                          # varied templates
-    from nrdm.data.captions import DIGIT_WORDS
+    from nrdm.data.registry import DIGIT_WORDS
     for caption, label in zip(data.captions[:50], data.class_labels[:50]):
         assert DIGIT_WORDS[label] in caption or str(int(label)) in caption
     images, ids = data.batch(torch.tensor([0, 5]))

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from nrdm.config import DataConfig
-from nrdm.data.datasets import build_dataset, data_shape
+from nrdm.data import build_dataset, data_shape
 from nrdm.data.video import VideoFolder, moving_digits
 from nrdm.utils.video import save_video
 

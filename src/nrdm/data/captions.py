@@ -19,28 +19,22 @@ from pathlib import Path
 import torch
 
 from nrdm.data.datasets import IMAGE_EXTENSIONS, TensorImages, load_image
-
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGIT_TEMPLATES = ("a handwritten {word}", "the digit {word}", "a drawing of the number {word}",
-                   "a scanned handwritten {digit}", "number {word}, written by hand")
-FASHION_WORDS = ("T-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                 "ankle boot")
-FASHION_TEMPLATES = ("a photo of {article} {word}", "a grayscale picture of {article} {word}", "{article} {word}",
-                     "a product photo of {article} {word}", "a small image showing {article} {word}")
-
+from nrdm.data.registry import DATASETS, dataset_spec
 
 def indefinite_article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
 def class_caption(dataset: str, label: int, template: int = 0) -> str:
-    """The caption of class `label` of "digits" / "mnist" / "fashion" with template number `template`."""
-    if dataset in ("digits", "mnist"):
-        return DIGIT_TEMPLATES[template % len(DIGIT_TEMPLATES)].format(word=DIGIT_WORDS[label], digit=label)
-    if dataset == "fashion":
-        word = FASHION_WORDS[label]
-        return FASHION_TEMPLATES[template % len(FASHION_TEMPLATES)].format(article=indefinite_article(word), word=word)
-    raise ValueError(f"no embedded captions for {dataset!r}; allowed: digits, mnist, fashion")
+    """The caption of class `label` of a dataset with class words (digits, mnist, fashion; the
+    registry's spec) with template number `template`."""
+    spec = dataset_spec(dataset)
+    if not spec.class_words:
+        captioned = ", ".join(name for name, s in DATASETS.items() if s.class_words)
+        raise ValueError(f"no embedded captions for {dataset!r}; allowed: {captioned}")
+    word = spec.class_words[label]
+    templates = spec.caption_templates
+    return templates[template % len(templates)].format(word=word, digit=label, article=indefinite_article(word))
 
 
 def _table(captions: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -65,7 +59,7 @@ class CaptionedImages(TensorImages):
 def embed_captions(images: TensorImages, seed: int = 0) -> CaptionedImages:
     """Caption every image of a labelled dataset by its class with a template drawn per image."""
     gen = torch.Generator().manual_seed(seed)
-    templates = torch.randint(0, len(DIGIT_TEMPLATES), (len(images),), generator=gen).tolist()
+    templates = torch.randint(0, len(dataset_spec(images.name).caption_templates), (len(images),), generator=gen).tolist()
     captions = [class_caption(images.name, int(y), k) for y, k in zip(images.labels, templates)]
     return CaptionedImages(images.images, images.labels, captions, images.num_classes, images.name + "-captions")
 

@@ -5,6 +5,8 @@ label int) and exposes `channels`, `image_size`, `num_classes`, `len()`.
 - mnist / fashion: standard idx(.gz) files (Debian's `dataset-fashion-mnist` fills
   /usr/share/datasets/fashion-mnist); any directory with the four files works; in memory.
 - folder:  ImageNet layout, one subfolder per class, read with Pillow; center crop + resize.
+
+Which dataset a config means, its shape and its facts: nrdm.data.registry.
 """
 from __future__ import annotations
 
@@ -171,98 +173,3 @@ class ImageFolder(torch.utils.data.Dataset):
                     self._warned.add(path)
                     warnings.warn(f"skipping unreadable image {path}", stacklevel=2)
         raise ValueError(f"no readable image in {self.root}")
-
-
-DATASETS = ("digits", "mnist", "fashion", "folder", "captions", "moving-digits", "video-folder")
-VIDEO_DATASETS = ("moving-digits", "video-folder")
-WITH_TEST_SPLIT = ("digits", "mnist", "fashion", "moving-digits")    # the others are one set of files
-
-
-def held_out_split(cfg) -> str | None:
-    """The dataset's held-out split ("test"), or None when it has none (a folder is one set of
-    images: its "test" would be the same images again)."""
-    return "test" if cfg.name in WITH_TEST_SPLIT else None
-
-
-def check_video(cfg) -> None:
-    video = cfg.name in VIDEO_DATASETS
-    if video and cfg.frames < 1:
-        raise ValueError(f"data.name={cfg.name} is video: set data.frames (frames per clip, e.g. 8)")
-    if not video and cfg.frames:
-        raise ValueError(f"data.frames={cfg.frames} needs a video dataset ({', '.join(VIDEO_DATASETS)}); "
-                         f"data.name={cfg.name} holds images (set data.frames=0)")
-
-
-def build_dataset(cfg) -> torch.utils.data.Dataset:
-    """cfg: nrdm.config.DataConfig. Caption data (data.captions, or name=captions) yields
-    caption ids into the dataset's `caption_table` instead of class labels. Pixels only: the
-    latents of data.vae come from `nrdm.factory.build_dataset`, which wraps this."""
-    if cfg.vae:
-        raise ValueError("nrdm.data.build_dataset gives pixels; for data.vae latents use nrdm.factory.build_dataset")
-    check_video(cfg)
-    dataset = _build(cfg)
-    if cfg.captions:
-        from nrdm.data.captions import embed_captions
-        if cfg.name not in ("digits", "mnist", "fashion"):
-            raise ValueError(f"data.captions=true captions digits, mnist or fashion by class; for "
-                             f"data.name={cfg.name} use data.name=captions with a JSONL/CSV caption file")
-        dataset = embed_captions(dataset)
-    return dataset
-
-
-def _build(cfg) -> torch.utils.data.Dataset:
-    if cfg.name == "digits":
-        return load_digits_dataset(cfg.image_size, cfg.split)
-    if cfg.name == "moving-digits":
-        from nrdm.data.video import moving_digits
-        test = cfg.split == "test"
-        return moving_digits(cfg.num_clips // 4 if test else cfg.num_clips, cfg.frames, cfg.image_size,
-                             cfg.digit_size or cfg.image_size // 2, cfg.num_digits, cfg.speed, cfg.split)
-    if cfg.name == "video-folder":
-        from nrdm.data.video import VideoFolder
-        if not cfg.root:
-            raise ValueError("data.root must point at a video folder (see nrdm.data.video for the layouts)")
-        return VideoFolder(cfg.root, cfg.image_size, cfg.frames, cfg.frame_stride, cfg.skip_corrupt, cfg.num_classes)
-    if cfg.name in ("mnist", "fashion"):
-        root = cfg.root or (FASHION_MNIST_DIR if cfg.name == "fashion" else None)
-        if root is None:
-            raise ValueError("data.root must point at a directory of MNIST idx(.gz) files")
-        return load_idx_dataset(root, cfg.split, cfg.image_size, cfg.name)
-    if cfg.name == "captions":
-        from nrdm.data.captions import CaptionFile
-        if not cfg.root:
-            raise ValueError("data.root must point at a JSONL or CSV caption file (image, caption)")
-        return CaptionFile(cfg.root, cfg.image_size)
-    if cfg.name == "folder":
-        if not cfg.root:
-            raise ValueError("data.root must point at an image folder (root/<class>/<images>)")
-        return ImageFolder(cfg.root, cfg.image_size, cfg.skip_corrupt, cfg.num_classes)
-    raise ValueError(f"unknown dataset {cfg.name!r}; allowed: {', '.join(DATASETS)}")
-
-
-def data_shape(cfg) -> tuple[int, int, int]:
-    """(channels, image_size, num_classes) of what the model sees, without loading any images:
-    pixels, or VAE latents when data.vae is set."""
-    if cfg.vae:
-        if cfg.image_size % cfg.vae_downsample:
-            raise ValueError(f"data.image_size={cfg.image_size} must be divisible by data.vae_downsample={cfg.vae_downsample}")
-        _, _, num_classes = data_shape(type(cfg)(**{**cfg.__dict__, "vae": None}))
-        return cfg.latent_channels, cfg.image_size // cfg.vae_downsample, num_classes
-    check_video(cfg)
-    if cfg.name in ("digits", "mnist", "fashion", "moving-digits"):
-        return 1, cfg.image_size, cfg.num_classes or 10
-    if cfg.name == "captions":
-        return 3, cfg.image_size, 0
-    if cfg.name == "video-folder":
-        from nrdm.data.video import scan_video_folder
-        if cfg.num_classes is not None:
-            return 3, cfg.image_size, cfg.num_classes
-        return 3, cfg.image_size, len(scan_video_folder(Path(cfg.root or ""))[1])
-    if cfg.name == "folder":
-        if cfg.num_classes:
-            return 3, cfg.image_size, cfg.num_classes
-        root = Path(cfg.root or "")
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist; set data.root (or data.num_classes)")
-        return 3, cfg.image_size, sum(p.is_dir() for p in root.iterdir())
-    raise ValueError(f"unknown dataset {cfg.name!r}; allowed: {', '.join(DATASETS)}")

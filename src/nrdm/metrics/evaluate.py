@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 import nrdm
 from nrdm.metrics.distances import (GaussianStats, RunningStats, frechet_distance, inception_score,
                                     kernel_inception_distance, precision_recall)
-from nrdm.metrics.features import DOMAIN_DATASETS, TorchScriptI3D, TorchScriptInception, domain_network
-from nrdm.data.datasets import held_out_split
+from nrdm.data.registry import build_dataset, dataset_spec, held_out_split, pixel_config
+from nrdm.metrics.features import TorchScriptI3D, TorchScriptInception, domain_network
 from nrdm.utils.cache import cache_dir
 from nrdm.sampling import sample_conditions
 
@@ -82,8 +82,6 @@ def default_split(data_cfg) -> str:
 def reference_features(data_cfg, split: str, net, max_n: int = 10_000, progress: bool = True) -> dict:
     """Features of up to max_n real images of (dataset, split), cached on disk under a key made of
     dataset, split, image size, feature-network hash and max_n."""
-    from nrdm.data.datasets import build_dataset
-
     frames = f"-f{data_cfg.frames}s{data_cfg.frame_stride}" if data_cfg.frames else ""
     key = (f"{data_cfg.name}-{split}-{data_cfg.image_size}px{frames}-{net.content_hash[:16]}-n{max_n}"
            .replace("/", "_"))
@@ -91,7 +89,7 @@ def reference_features(data_cfg, split: str, net, max_n: int = 10_000, progress:
     if path.exists():
         with np.load(path) as cached:
             return {k: cached[k] for k in cached.files}
-    dataset = build_dataset(replace(data_cfg, split=split, hflip=False, vae=None, captions=False))   # pixels
+    dataset = build_dataset(pixel_config(data_cfg, split=split, hflip=False, captions=False))
     n = min(max_n, len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
     if hasattr(dataset, "batch"):
@@ -198,7 +196,7 @@ def feature_network(data_cfg, spec: str | None = None, domain_epochs: int | None
     data, Inception for images)."""
     video = data_cfg.frames > 0
     if spec in (None, "domain"):
-        if spec is None and data_cfg.name not in DOMAIN_DATASETS:
+        if spec is None and not dataset_spec(data_cfg.name).domain_network:
             return TorchScriptI3D(device=device) if video else TorchScriptInception(device=device)
         return domain_network(data_cfg, epochs=domain_epochs, progress=progress, device=device)
     if spec in ("inception", "i3d"):
@@ -210,13 +208,11 @@ def feature_network(data_cfg, spec: str | None = None, domain_epochs: int | None
 def real_floor(data_cfg, n: int, net=None, seed: int = 1, progress: bool = False) -> dict:
     """The metrics of n real training images against the held-out reference: what a perfect
     generator would score at this n (the floor every generated-sample figure is read against)."""
-    from nrdm.data.datasets import build_dataset, load_digits_dataset
-
     net = net or feature_network(data_cfg, progress=progress)
     split = default_split(data_cfg)
     real = reference_features(data_cfg, split, net, progress=progress)
-    train = (load_digits_dataset(data_cfg.image_size, "train-only") if data_cfg.name == "digits"
-             else build_dataset(replace(data_cfg, split="train", vae=None, captions=False)))
+    train = build_dataset(pixel_config(data_cfg, split=dataset_spec(data_cfg.name).disjoint_train_split,
+                                       captions=False))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     images, labels = train.batch(pick)
     return compute_metrics(real, extract(net, images), labels.numpy(), net.kind)

@@ -138,9 +138,6 @@ class TorchScriptI3D(_TorchScriptNetwork):
         return {"pool": feats.float().cpu().numpy()}
 
 
-DOMAIN_DATASETS = ("digits", "mnist", "fashion", "moving-digits")
-
-
 class DomainNetwork:
     """A SmallCNN classifier on the benchmark data: 'pool' = its 128-D penultimate features,
     'probs' = softmax over the dataset's classes, 'spatial' = the first 7 channels of its last
@@ -170,26 +167,20 @@ def domain_network(data_cfg, epochs: int | None = None, progress: bool = True, d
     """The cached domain network for a dataset config (digits, mnist, fashion), trained on its
     train split on first use (deterministic, seconds to minutes on a CPU). epochs=None: about
     30k images' worth of training, 3 to 15 epochs (digits 15, Fashion-MNIST 3)."""
-    from nrdm.data.datasets import build_dataset, load_digits_dataset
+    from nrdm.data.registry import DATASETS, build_dataset, dataset_spec, pixel_config
 
-    if data_cfg.name not in DOMAIN_DATASETS:
-        raise ValueError(f"no built-in domain network for data.name={data_cfg.name!r} ({', '.join(DOMAIN_DATASETS)}); "
-                         f"use the Inception network (--feature-net inception) or, for video, I3D (--feature-net i3d)")
-    key = f"{data_cfg.name}-{data_cfg.image_size}px-smallcnn2-e{epochs or 'auto'}"
-    if data_cfg.name == "moving-digits":      # the clips depend on all of these
-        d = data_cfg
-        key = (f"{d.name}-{d.image_size}px-f{d.frames}-d{d.digit_size or d.image_size // 2}-v{d.speed:g}"
-               f"-k{d.num_digits}-n{d.num_clips}-smallcnn3d-e{epochs or 'auto'}")
+    spec = dataset_spec(data_cfg.name)
+    if not spec.domain_network:
+        names = ", ".join(name for name, s in DATASETS.items() if s.domain_network)
+        raise ValueError(f"no built-in domain network for data.name={data_cfg.name!r} ({names}); use the "
+                         f"Inception network (--feature-net inception) or, for video, I3D (--feature-net i3d)")
+    data_key = spec.domain_key(data_cfg) if spec.domain_key else f"{data_cfg.name}-{data_cfg.image_size}px"
+    key = f"{data_key}-{'smallcnn3d' if spec.video else 'smallcnn2'}-e{epochs or 'auto'}"
     root = cache_dir() / "feature-nets"
     weights, meta_file = root / f"{key}.safetensors", root / f"{key}.json"
     if not weights.exists():
-        if data_cfg.name == "digits":
-            train_set = load_digits_dataset(data_cfg.image_size, "train-only")
-            test_set = load_digits_dataset(data_cfg.image_size, "test")
-        else:
-            pixels = {**data_cfg.__dict__, "vae": None, "captions": False}
-            train_set = build_dataset(type(data_cfg)(**{**pixels, "split": "train"}))
-            test_set = build_dataset(type(data_cfg)(**{**pixels, "split": "test"}))
+        train_set = build_dataset(pixel_config(data_cfg, captions=False, split=spec.disjoint_train_split))
+        test_set = build_dataset(pixel_config(data_cfg, captions=False, split=spec.held_out_split))
         epochs = epochs or min(15, max(3, 30_000 // (len(train_set) * max(1, data_cfg.frames))))
         model = train_classifier(train_set.images, train_set.labels, train_set.num_classes, epochs=epochs,
                                  progress=progress)

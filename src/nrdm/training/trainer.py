@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from nrdm.config import Config, from_dict
 from nrdm.data import BatchStream
-from nrdm.data.datasets import data_shape
+from nrdm.data.registry import data_shape
 from nrdm.diffusion import NoiseDraws, diffusion_loss
 from nrdm.factory import (build_dataset, build_loss_config, build_model_from_config, build_schedule, output_kwargs,
                           text_encoder, validate)
