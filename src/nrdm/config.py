@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+TRACKERS = ("tensorboard", "wandb")   # train.loggers: experiment trackers besides log.jsonl
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 

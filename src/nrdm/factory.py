@@ -9,7 +9,7 @@ import yaml
 from torch import nn
 
 from nrdm.checkpoint import find_checkpoint, load_checkpoint, write_model_args
-from nrdm.config import Config
+from nrdm.config import TRACKERS, Config
 from nrdm.data.latents import LatentShards, extract_latent_shards, source_fingerprint
 from nrdm.data.registry import build_dataset as build_pixel_dataset
 from nrdm.data.registry import check_video, data_shape, dataset_spec, pixel_config
@@ -173,7 +173,6 @@ def validate(cfg: Config) -> None:
                                  ("sample.sampler", cfg.sample.sampler, tuple(SAMPLERS))]:
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-    from nrdm.training.trackers import TRACKERS
     unknown = [name for name in t.loggers if name not in TRACKERS]
     if unknown:
         raise ValueError(f"unknown train.loggers {unknown}; allowed: {', '.join(TRACKERS)} (log.jsonl is always written)")

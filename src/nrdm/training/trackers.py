@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nrdm.config import TRACKERS
 from nrdm.utils.optional import require
 
-TRACKERS = ("tensorboard", "wandb")
 HISTOGRAMS = ("adjoint_norm", "alpha_mean", "beta_mean", "update_ratio")
 
 
