@@ -113,6 +113,22 @@ def latent_dataset(data, pixels, device: torch.device | str = "cpu", batch_size:
     return out
 
 
+def training_condition(cfg: Config, dataset, model: nn.Module, device=None):
+    """(condition, prompts) for training on `dataset`: condition(labels of a batch) -> what the
+    model takes (None for an unconditional model; for a text model the caption ids become their
+    embeddings, every caption of the data encoded once, and the model's null condition is set to
+    the empty caption's); prompts: the sample-grid prompts of a caption-file model (else None)."""
+    if not model.conditional:
+        return (lambda labels: None), None
+    encoder = text_encoder(cfg, device)
+    if encoder is None:
+        return (lambda labels: labels), None
+    captions = encoder(dataset.caption_table)
+    model.embed.text.set_null(encoder([""]))          # the empty caption: guidance and caption dropout
+    prompts = None if cfg.data.captions else dataset.caption_table[:10]
+    return (lambda ids: captions.index(ids.cpu()).to(ids.device)), prompts
+
+
 def output_kwargs(cfg: Config, device: torch.device | str = "cpu") -> dict:
     """Keyword arguments for sampling.generate: latent models sample unclipped latents and decode
     them with the autoencoder, moved to the device the samples are on."""

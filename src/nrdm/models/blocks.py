@@ -212,7 +212,12 @@ class Backbone(nn.Module):
         cache.store[key] = out - z if out.shape == z.shape else out
         return out
 
-    def run(self, block: nn.Module, *args) -> torch.Tensor:
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one (each gathered for its own forward and backward): the
+        transformer blocks; backbones with other repeated modules override this."""
+        return [m for m in self.modules() if isinstance(m, TransformerBlock)]
+
+    def run_block(self, block: nn.Module, *args) -> torch.Tensor:
         """Call a block, through activation checkpointing when enabled (training only)."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)

@@ -76,14 +76,14 @@ class FlowTransformer(Backbone):
         n_context = 0 if context is None else context.shape[1]
         if context is not None:
             z = torch.cat([context, z], dim=1)                               # (B, L+N, D) text tokens in context
-        z = self.run(self.blocks[0], z, cond)                                # (B, L+N, D)
+        z = self.run_block(self.blocks[0], z, cond)                                # (B, L+N, D)
         z = self.cached("middle", z, lambda z: self._blocks(z, cond, 1, len(self.blocks) - 1))
         if len(self.blocks) > 1:
-            z = self.run(self.blocks[-1], z, cond)                           # (B, L+N, D)
+            z = self.run_block(self.blocks[-1], z, cond)                           # (B, L+N, D)
         out = self.final(z[:, n_context:], cond.vec)                                        # (B, N, p*p*C)
         return unpatchify(out, self.patch_size, self.out_channels)          # (B, C or 2C, H, W)
 
     def _blocks(self, z: torch.Tensor, cond, start: int, stop: int) -> torch.Tensor:
         for block in self.blocks[start:stop]:
-            z = self.run(block, z, cond)                                     # (B, L+N, D)
+            z = self.run_block(block, z, cond)                                     # (B, L+N, D)
         return z

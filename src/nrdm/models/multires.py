@@ -92,7 +92,7 @@ class Branch(nn.Module):
         return self.depth + 1
 
     def forward(self, x: torch.Tensor, cond: Conditioning, extra: torch.Tensor | None,
-                below: torch.Tensor | None, run, predict: bool = True):
+                below: torch.Tensor | None, run_block, predict: bool = True):
         """x: noisy input (B, C, H, W); extra: condition tokens (B, E, D) for a token branch; below:
         the previous branch's maps concatenated (B, h/2, w/2, n * C_below) or None.
         Returns (prediction (B, C, h, w) or None, this branch's maps (B, h, w, n_maps * C))."""
@@ -116,7 +116,7 @@ class Branch(nn.Module):
                 z = self.skip_fuse[k](torch.cat([z, skips.pop()], dim=-1))
             if crossed is not None:                                          # (only ConvNeXt branches have a branch below)
                 z = z + self.cross[j](crossed[self.cross_source[j]])         # (B, h, w, C)
-            z = run(block, z, cond)
+            z = run_block(block, z, cond)
             if j < self.n_side:
                 skips.append(z)
             maps.append(z)
@@ -199,15 +199,15 @@ class MultiResolution(Backbone):
         if all_branches:
             predictions, below = [], None
             for branch in self.branches:
-                prediction, below = branch(x, cond, extra, below, self.run)
+                prediction, below = branch(x, cond, extra, below, self.run_block)
                 predictions.append(prediction)                               # (B, C, h_r, w_r)
             return predictions
         # the coarse branches are the feature cache's section: on a reusing step only the finest runs
         below = self.cached("coarse", x, lambda x: self._coarse(x, cond, extra)) if len(self.branches) > 1 else None
-        return self.branches[-1](x, cond, extra, below, self.run)[0]        # (B, C, H, W)
+        return self.branches[-1](x, cond, extra, below, self.run_block)[0]        # (B, C, H, W)
 
     def _coarse(self, x: torch.Tensor, cond: Conditioning, extra: torch.Tensor | None) -> torch.Tensor | None:
         below = None
         for branch in self.branches[:-1]:
-            _, below = branch(x, cond, extra, below, self.run, predict=False)
+            _, below = branch(x, cond, extra, below, self.run_block, predict=False)
         return below

@@ -91,11 +91,11 @@ class UShapedTransformer(Backbone):
         the outermost pair); all of it below the outermost pair is the feature cache's section."""
         if i == len(self.in_blocks):
             for block in self.mid_blocks:
-                z = self.run(block, z, cond)                                 # (B, E+N, D)
+                z = self.run_block(block, z, cond)                                 # (B, E+N, D)
             return z
-        z = self.run(self.in_blocks[i], z, cond)                             # (B, E+N, D)
+        z = self.run_block(self.in_blocks[i], z, cond)                             # (B, E+N, D)
         skip = self.skip_scale(z, i + 1)                                     # long skip i+1 (1 = outermost)
         inner = lambda z: self._span(z, cond, i + 1)
         z = self.cached("deep", z, inner) if i == 0 else inner(z)
         k = len(self.in_blocks) - 1 - i                                      # out-blocks run innermost first
-        return self.run(self.out_blocks[k], self.skip_fuse[k](torch.cat([z, skip], dim=-1)), cond)
+        return self.run_block(self.out_blocks[k], self.skip_fuse[k](torch.cat([z, skip], dim=-1)), cond)

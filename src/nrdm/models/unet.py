@@ -129,6 +129,9 @@ class UNet(Backbone):
         size = self.image_size
         return (self.in_channels, self.num_frames, size, size) if self.num_frames else (self.in_channels, size, size)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, Stage)]
+
     def _scale_skip(self, skip: torch.Tensor, index: int, level: int) -> torch.Tensor:
         if isinstance(self.skip_scale, nn.ModuleList):        # learned: one gate per level, shared by its skips
             return self.skip_scale[level](skip, index)
@@ -156,7 +159,7 @@ class UNet(Backbone):
         is 0: DeepCache), then its up stages with their long skips."""
         skips = []
         for stage in self.down[level]:
-            h = self.run(stage, h, cond)                                     # (B, C_l, H/2^l, W/2^l)
+            h = self.run_block(stage, h, cond)                                     # (B, C_l, H/2^l, W/2^l)
             skips.append(h)
         if level == len(self.down) - 1:
             h = self.middle_conv(self.middle(h, cond), cond)                 # (B, C_L, ., .)
@@ -170,5 +173,5 @@ class UNet(Backbone):
         for fuse, stage in zip(self.fuse[i], self.up[i]):
             index = level * len(self.down[level]) + len(skips)               # innermost first: N, ..., 1
             skip = self._scale_skip(skips.pop(), index, level)
-            h = self.run(stage, fuse(torch.cat([h, skip], dim=1)), cond)     # (B, C_l, H/2^l, W/2^l)
+            h = self.run_block(stage, fuse(torch.cat([h, skip], dim=1)), cond)     # (B, C_l, H/2^l, W/2^l)
         return h

@@ -66,9 +66,9 @@ class VideoTransformer(Backbone):
         block = self.blocks[index]
         if self.is_temporal(index):
             seq = z.transpose(1, 2).reshape(B * N, F, D)                        # (B*N, F, D): one position, all frames
-            return self.run(block, seq, per_position).view(B, N, F, D).transpose(1, 2)
+            return self.run_block(block, seq, per_position).view(B, N, F, D).transpose(1, 2)
         seq = z.reshape(B * F, N, D)                                            # (B*F, N, D): one frame, all positions
-        return self.run(block, seq, per_frame).view(B, F, N, D)
+        return self.run_block(block, seq, per_frame).view(B, F, N, D)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)

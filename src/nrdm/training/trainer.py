@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from nrdm.data import BatchStream
 from nrdm.data.registry import data_shape
 from nrdm.diffusion import NoiseDraws, diffusion_loss
 from nrdm.factory import (build_dataset, build_loss_config, build_model_from_config, build_schedule, output_kwargs,
-                          text_encoder, validate)
+                          training_condition, validate)
 from nrdm.models import count_parameters, no_weight_decay_names
 from nrdm.sampling import generate, sample_conditions, sample_options, save_samples
 from nrdm.checkpoint import latest_checkpoint, load_checkpoint, load_initial_weights, save_checkpoint
@@ -175,7 +176,96 @@ def _holds_only_a_config(out: Path) -> bool:
     return names <= {"config.yaml", "log.jsonl"} and (not log.exists() or len(log.read_text().splitlines()) <= 1)
 
 
+@dataclass
+class Run:
+    """Everything the loop needs, built by `_setup` (fresh, resumed, or started from other weights)."""
+
+    cfg: Config
+    out: Path
+    env: DistEnv
+    model: nn.Module                    # the backbone (FSDP: sharded in place)
+    wrapped: nn.Module                  # what the loss calls: DDP / compile around the model
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    monitor: DivergenceMonitor | None
+    stream: BatchStream
+    log: JsonlLog
+    schedule: object
+    loss_cfg: object
+    condition: object                   # labels of a batch -> the model's condition (factory.training_condition)
+    prompts: list[str] | None           # sample-grid prompts of a caption-file model
+    start_step: int = 0
+    bad_steps: int = 0
+    last_loss: float = float("nan")
+
+    @property
+    def fsdp(self) -> bool:
+        return self.env.distributed and self.cfg.train.parallel == "fsdp"
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor                  # (3,) loss, mse, penalty: mean over the processes
+    grad_norm: torch.Tensor
+    tracer: object                      # diagnostics tracer (UnitTracer) of a diagnostics step, else None
+    lr: float
+
+
+class StatsWindow:
+    """Running sums of the logged quantities since the last log record; time spent on
+    checkpoints, samples and evaluation (`paused`) is not training time."""
+
+    def __init__(self):
+        self.sums, self.n, self.steps, self.t0 = torch.zeros(3, dtype=torch.float64), 0, 0, time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor | None) -> None:
+        self.steps += 1
+        if step_loss is not None:                     # a finite step
+            self.sums += step_loss.double().cpu()
+            self.n += 1
+
+    def record(self, done: int, grad_norm, lr: float, batch_size: int) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        loss, mse, penalty = (self.sums / max(self.n, 1)).tolist()
+        return {"step": done, "loss": loss, "mse": mse, "penalty": penalty, "grad_norm": _num(grad_norm), "lr": lr,
+                "steps_per_s": self.steps / elapsed, "images_per_s": self.steps * batch_size / elapsed}
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - start
+
+
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | None) -> dict:
+    run = _setup(cfg, out, resume, progress, env)
+    tc = run.cfg.train
+    bar = tqdm(total=tc.steps, initial=run.start_step, disable=not (progress and run.env.is_main), desc="train",
+               dynamic_ncols=True)
+    window = StatsWindow()
+    for step in range(run.start_step, tc.steps):
+        done = step + 1
+        diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
+        result = _train_step(run, step, diagnostics_now)
+        finite = _apply_update(run, result, done, bar)
+        window.add(result.loss if finite else None)
+        bar.update(1)
+        if done % tc.log_every == 0 or done == tc.steps or diagnostics_now:
+            _log_stats(run, window, result, done, bar)
+            window = StatsWindow()
+        with window.paused():                           # checkpoint and sample time is not training time
+            _after_step(run, done)
+    bar.close()
+    run.log.close()
+    grids = sorted((out / "samples").glob(f"step-{tc.steps:08d}*")) if (out / "samples").is_dir() else []
+    return {"steps": tc.steps, "final_loss": run.last_loss, "samples": [str(p) for p in grids] or None,
+            "checkpoint": str(latest_checkpoint(out))}
+
+
+def _setup(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | None) -> Run:
+    """Validate, build data, model, EMA, optimizer and log; restore a resumed run's state."""
     validate(cfg)
     env = env or init_distributed(cfg.train.device)
     tc = cfg.train
@@ -199,19 +289,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                          f"config expects {expected[0]}, {expected[1]}px, {cfg.data.frames} frames")
     torch.manual_seed(tc.seed)                       # same initial weights on every rank and every run
     model = build_model_from_config(cfg).to(env.device)
-    build_args = model.build_args                   # saved with every checkpoint (model.json)
     if model.num_classes and dataset.num_classes > model.num_classes:
         raise ValueError(f"dataset has {dataset.num_classes} classes but the model {model.num_classes}; "
                          f"fix data.num_classes")
-    schedule = build_schedule(cfg)
-    loss_cfg = build_loss_config(cfg)
-    encoder = text_encoder(cfg, env.device)
-    caption_embeddings = None                   # text models: every caption of the data, encoded once
-    prompts = None                              # grids of a caption-file model: its first captions
-    if encoder is not None:
-        caption_embeddings = encoder(dataset.caption_table)
-        prompts = None if cfg.data.captions else dataset.caption_table[:10]
-        model.embed.text.set_null(encoder([""]))  # the empty caption: guidance and caption dropout
+    condition, prompts = training_condition(cfg, dataset, model, env.device)
     if loaded is None and tc.init_from:              # a new run from another run's weights (not a resume)
         fresh = load_initial_weights(model, tc.init_from)
         if env.is_main:
@@ -227,157 +308,149 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         wrapped = torch.compile(wrapped)
     # the optimizer comes after wrapping: FSDP replaces the parameters by sharded ones
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.adam_betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, tc))
-    scaler = torch.amp.GradScaler(env.device.type) if tc.precision == "fp16" else None
-    start_step, bad_steps = 0, 0
-    fsdp = env.distributed and tc.parallel == "fsdp"
+    run = Run(cfg, out, env, model, wrapped, ema, optimizer,
+              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, tc)),
+              scaler=torch.amp.GradScaler(env.device.type) if tc.precision == "fp16" else None,
+              monitor=DivergenceMonitor(tc.divergence_factor) if tc.divergence_factor else None,
+              stream=BatchStream(dataset, tc.batch_size, tc.seed, env.rank, env.world_size, tc.grad_accum,
+                                 cfg.data.hflip, cfg.data.num_workers),
+              log=JsonlLog(out / "log.jsonl", env.is_main,
+                           build_trackers(tc.loggers, out, _flat(cfg.to_dict())) if env.is_main else []),
+              schedule=build_schedule(cfg), loss_cfg=build_loss_config(cfg), condition=condition, prompts=prompts)
     if loaded is not None:
         state = loaded["state"]
-        load_optimizer_state(model, optimizer, state["optimizer"], fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_step, bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
-    monitor = DivergenceMonitor(tc.divergence_factor) if tc.divergence_factor else None
-    if monitor is not None and loaded is not None and loaded["state"].get("divergence"):
-        monitor.load_state_dict(loaded["state"]["divergence"])
+        load_optimizer_state(model, optimizer, state["optimizer"], run.fsdp)
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        if run.monitor is not None and state.get("divergence"):
+            run.monitor.load_state_dict(state["divergence"])
+        run.start_step, run.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+    run.log.truncate_after(run.start_step)
+    if env.is_main and run.start_step == 0:
+        run.log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
+                       "config": cfg.to_dict()})
+    return run
 
-    stream = BatchStream(dataset, tc.batch_size, tc.seed, env.rank, env.world_size, tc.grad_accum,
-                         cfg.data.hflip, cfg.data.num_workers)
-    trackers = build_trackers(tc.loggers, out, _flat(cfg.to_dict())) if env.is_main else []
-    log = JsonlLog(out / "log.jsonl", env.is_main, trackers)
-    log.truncate_after(start_step)
-    if env.is_main and start_step == 0:
-        log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
-                   "config": cfg.to_dict()})
-    conditional = model.conditional
-    generator = torch.Generator()
-    sample_shape = (tc.batch_size, *model.sample_shape)
-    t_density = loss_cfg.timestep_density(schedule)
 
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and env.is_main), desc="train",
-               dynamic_ncols=True)
-    window = {"loss": 0.0, "mse": 0.0, "penalty": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
-    last_loss = float("nan")
-    for step in range(start_step, tc.steps):
-        done = step + 1
-        generator.manual_seed(_step_seed(tc.seed, step, 0))
-        torch.manual_seed(_step_seed(tc.seed, step, 1 + env.rank))
-        draws = NoiseDraws.sample(sample_shape, schedule.num_timesteps, loss_cfg.label_drop, generator,
-                                  density=t_density)
-        draws = draws.slice(env.rank * stream.per_rank, (env.rank + 1) * stream.per_rank)
-        diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros(3, device=env.device)           # loss, mse, penalty (this rank)
-        tracer = None
-        micro_batches = stream.step(step)
-        for i, (x, y) in enumerate(micro_batches):
-            d = draws.slice(i * stream.micro, (i + 1) * stream.micro).to(env.device)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            last_micro = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if (last_micro or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
-            with sync:
-                with _autocast(tc.precision, env.device):
-                    if caption_embeddings is not None:
-                        y = caption_embeddings.index(y.cpu()).to(env.device)          # caption ids -> text
-                    res = diffusion_loss(wrapped, x, y if conditional else None, schedule, loss_cfg,
-                                         generator=generator, draws=d, diagnostics=diagnostics_now and i == 0)
-                loss = res.loss / len(micro_batches)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            tracer = res.tracer or tracer
-            loss_sum += torch.stack([res.loss.detach().float(), res.mse.float(),
-                                     res.penalty.float() if res.penalty is not None else torch.zeros((), device=env.device)
-                                     ]) / len(micro_batches)
+def _train_step(run: Run, step: int, diagnostics: bool) -> StepResult:
+    """Forward and backward of one global batch (all micro-batches of this process); the noise,
+    steps and dropout are drawn for the whole global batch from (seed, step) and sliced."""
+    tc, env, stream = run.cfg.train, run.env, run.stream
+    generator = torch.Generator().manual_seed(_step_seed(tc.seed, step, 0))
+    torch.manual_seed(_step_seed(tc.seed, step, 1 + env.rank))
+    draws = NoiseDraws.sample((tc.batch_size, *run.model.sample_shape), run.schedule.num_timesteps,
+                              run.loss_cfg.label_drop, generator, density=run.loss_cfg.timestep_density(run.schedule))
+    draws = draws.slice(env.rank * stream.per_rank, (env.rank + 1) * stream.per_rank)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros(3, device=env.device)           # loss, mse, penalty (this rank)
+    tracer = None
+    micro_batches = stream.step(step)
+    for i, (x, y) in enumerate(micro_batches):
+        d = draws.slice(i * stream.micro, (i + 1) * stream.micro).to(env.device)
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        last_micro = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last_micro or not hasattr(run.wrapped, "no_sync")) else run.wrapped.no_sync()
+        with sync:
+            with _autocast(tc.precision, env.device):
+                res = diffusion_loss(run.wrapped, x, run.condition(y), run.schedule, run.loss_cfg,
+                                     generator=generator, draws=d, diagnostics=diagnostics and i == 0)
+            loss = res.loss / len(micro_batches)
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        tracer = res.tracer or tracer
+        penalty = res.penalty.float() if res.penalty is not None else torch.zeros((), device=env.device)
+        loss_sum += torch.stack([res.loss.detach().float(), res.mse.float(), penalty]) / len(micro_batches)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = _local(torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                                       tc.grad_clip if tc.grad_clip > 0 else math.inf))
+    return StepResult(all_reduce_mean(loss_sum, env), grad_norm, tracer, run.scheduler.get_last_lr()[0])
 
+
+def _apply_update(run: Run, result: StepResult, done: int, bar) -> bool:
+    """The optimizer and EMA step when loss and gradient are finite (under fp16 loss scaling the
+    scaler judges the gradient); otherwise the step is skipped and logged, and max_bad_steps in a
+    row, or a diverging loss, stop training. The lr schedule advances either way. Returns
+    whether the step was taken."""
+    tc, scaler = run.cfg.train, run.scaler
+    finite_loss = bool(torch.isfinite(result.loss).all())
+    ok = finite_loss if scaler is not None else (finite_loss and bool(torch.isfinite(result.grad_norm)))
+    if ok:
         if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                           tc.grad_clip if tc.grad_clip > 0 else math.inf))
-        step_loss = all_reduce_mean(loss_sum, env)
-        finite_loss = bool(torch.isfinite(step_loss).all())
-        ok = finite_loss if scaler is not None else (finite_loss and bool(torch.isfinite(grad_norm)))
-        lr = scheduler.get_last_lr()[0]
-        if ok:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            ema.update(model, step)
-            bad_steps = 0
-            last_loss = float(step_loss[0])
-            window["loss"] += float(step_loss[0])
-            window["mse"] += float(step_loss[1])
-            window["penalty"] += float(step_loss[2])
-            window["n"] += 1
-            if monitor is not None and monitor.diverged(done, last_loss):
-                log.write({"step": done, "diverged": True, "loss": last_loss, "running_min": monitor.running_min})
-                raise TrainingStopped(
-                    f"training diverged at step {done}: loss {last_loss:.4g} is above {tc.divergence_factor:g}x its "
-                    f"running minimum {monitor.running_min:.4g}. Lower train.lr, raise train.warmup_steps or keep "
-                    f"train.grad_clip > 0.", step=done)
+            scaler.step(run.optimizer)
+            scaler.update()
         else:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.update()
-            bad_steps += 1
-            log.write({"step": done, "skipped": True, "loss": _num(step_loss[0]), "grad_norm": _num(grad_norm),
-                       "consecutive_bad_steps": bad_steps})
-            if env.is_main:
-                bar.write(f"step {done}: non-finite loss/gradient (loss {_num(step_loss[0])}, grad norm "
-                          f"{_num(grad_norm)}); step skipped ({bad_steps}/{tc.max_bad_steps})")
-            if bad_steps >= tc.max_bad_steps:
-                last = latest_checkpoint(out)
-                raise TrainingStopped(
-                    f"training stopped at step {done}: {bad_steps} consecutive steps had a non-finite loss or "
-                    f"gradient. Lower train.lr, keep train.grad_clip > 0, use train.precision=fp32 or bf16, or "
-                    f"check the data for NaNs. Last good checkpoint: {last if last else 'none'}.", step=done)
-        with warnings.catch_warnings():          # a skipped first step still advances the lr schedule
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            scheduler.step()
-        window["steps"] += 1
-        bar.update(1)
+            run.optimizer.step()
+        run.ema.update(run.model, done - 1)
+        run.bad_steps = 0
+        run.last_loss = float(result.loss[0])
+        if run.monitor is not None and run.monitor.diverged(done, run.last_loss):
+            run.log.write({"step": done, "diverged": True, "loss": run.last_loss, "running_min": run.monitor.running_min})
+            raise TrainingStopped(
+                f"training diverged at step {done}: loss {run.last_loss:.4g} is above {tc.divergence_factor:g}x its "
+                f"running minimum {run.monitor.running_min:.4g}. Lower train.lr, raise train.warmup_steps or keep "
+                f"train.grad_clip > 0.", step=done)
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        run.bad_steps += 1
+        loss, norm = _num(result.loss[0]), _num(result.grad_norm)
+        run.log.write({"step": done, "skipped": True, "loss": loss, "grad_norm": norm,
+                       "consecutive_bad_steps": run.bad_steps})
+        if run.env.is_main:
+            bar.write(f"step {done}: non-finite loss/gradient (loss {loss}, grad norm {norm}); step skipped "
+                      f"({run.bad_steps}/{tc.max_bad_steps})")
+        if run.bad_steps >= tc.max_bad_steps:
+            last = latest_checkpoint(run.out)
+            raise TrainingStopped(
+                f"training stopped at step {done}: {run.bad_steps} consecutive steps had a non-finite loss or "
+                f"gradient. Lower train.lr, keep train.grad_clip > 0, use train.precision=fp32 or bf16, or "
+                f"check the data for NaNs. Last good checkpoint: {last if last else 'none'}.", step=done)
+    with warnings.catch_warnings():          # a skipped first step still advances the lr schedule
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        run.scheduler.step()
+    return ok
 
-        if done % tc.log_every == 0 or done == tc.steps or diagnostics_now:
-            elapsed = time.perf_counter() - window["t0"]
-            n = max(window["n"], 1)
-            record = {"step": done, "loss": window["loss"] / n, "mse": window["mse"] / n,
-                      "grad_norm": _num(grad_norm), "lr": lr, "steps_per_s": window["steps"] / elapsed,
-                      "images_per_s": window["steps"] * tc.batch_size / elapsed}
-            if loss_cfg.gamma > 0:
-                record["penalty"] = window["penalty"] / n
-            if tracer is not None:
-                record["diagnostics"] = tracer.diagnostics()
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}")
-            window = {"loss": 0.0, "mse": 0.0, "penalty": 0.0, "n": 0, "t0": time.perf_counter(), "steps": 0}
 
-        io_start = time.perf_counter()                  # checkpoint and sample time is not training time
-        if done % tc.ckpt_every == 0 or done == tc.steps:
-            model_state, optimizer_state = full_states(model, optimizer, fsdp)   # collective under FSDP
-            if env.is_main:
-                save_checkpoint(out, done, model_state, ema.state_dict(),
-                                {"step": done, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                                 "scaler": scaler.state_dict() if scaler is not None else {}, "bad_steps": bad_steps,
-                                 "divergence": monitor.state_dict() if monitor is not None else {},
-                                 "seed": tc.seed, "world_size": env.world_size},
-                                cfg.to_yaml(), tc.keep_last, tc.keep_every, model_args=build_args)
-            barrier(env)
-        if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
-            grid = write_samples(ema.model, schedule, cfg, out / "samples" / f"step-{done:08d}.png", env.device, prompts)
-            log.images(grid, done)
-        if env.is_main and tc.eval_every and done % tc.eval_every == 0:
-            from nrdm.metrics.evaluate import evaluate
-            result = evaluate(ema.model, schedule, cfg, n=tc.eval_n, device=env.device, progress=False)
-            log.write({"step": done, "eval": result["metrics"],
+def _log_stats(run: Run, window: StatsWindow, result: StepResult, done: int, bar) -> None:
+    record = window.record(done, result.grad_norm, result.lr, run.cfg.train.batch_size)
+    if run.loss_cfg.gamma == 0:
+        record.pop("penalty")
+    if result.tracer is not None:
+        record["diagnostics"] = result.tracer.diagnostics()
+    run.log.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}")
+
+
+def _after_step(run: Run, done: int) -> None:
+    """The hooks of a finished step: checkpoint, sample grid, evaluation, each at its interval."""
+    tc, env = run.cfg.train, run.env
+    if done % tc.ckpt_every == 0 or done == tc.steps:
+        _save(run, done)
+    if env.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
+        grid = write_samples(run.ema.model, run.schedule, run.cfg, run.out / "samples" / f"step-{done:08d}.png",
+                             env.device, run.prompts)
+        run.log.images(grid, done)
+    if env.is_main and tc.eval_every and done % tc.eval_every == 0:
+        from nrdm.metrics.evaluate import evaluate
+        result = evaluate(run.ema.model, run.schedule, run.cfg, n=tc.eval_n, device=env.device, progress=False)
+        run.log.write({"step": done, "eval": result["metrics"],
                        "eval_protocol": {k: result["protocol"][k] for k in
                                          ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")}})
-        window["t0"] += time.perf_counter() - io_start
-    bar.close()
-    log.close()
-    grids = sorted((out / "samples").glob(f"step-{tc.steps:08d}*")) if (out / "samples").is_dir() else []
-    return {"steps": tc.steps, "final_loss": last_loss, "samples": [str(p) for p in grids] or None,
-            "checkpoint": str(latest_checkpoint(out))}
+
+
+def _save(run: Run, done: int) -> None:
+    tc = run.cfg.train
+    model_state, optimizer_state = full_states(run.model, run.optimizer, run.fsdp)   # collective under FSDP
+    if run.env.is_main:
+        state = {"step": done, "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler is not None else {}, "bad_steps": run.bad_steps,
+                 "divergence": run.monitor.state_dict() if run.monitor is not None else {},
+                 "seed": tc.seed, "world_size": run.env.world_size}
+        save_checkpoint(run.out, done, model_state, run.ema.state_dict(), state, run.cfg.to_yaml(), tc.keep_last,
+                        tc.keep_every, model_args=run.model.build_args)
+    barrier(run.env)
 
 
 def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device,
@@ -419,11 +492,8 @@ def _wrap_parallel(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
             raise ValueError(f"train.parallel=fsdp needs FSDP2's fully_shard (torch >= 2.4); this is torch "
                              f"{torch.__version__}. Use train.parallel=ddp or upgrade torch.") from None
 
-    from nrdm.models.blocks import TransformerBlock
-    from nrdm.models.unet import Stage
-    for module in model.modules():
-        if isinstance(module, (TransformerBlock, Stage)):
-            fully_shard(module)
+    for module in model.fsdp_units():           # each backbone declares its units
+        fully_shard(module)
     fully_shard(model)
     return model
 
