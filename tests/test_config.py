@@ -103,3 +103,16 @@ def test_float_keys_accept_yaml_exponents():
     assert load_config("digits", ["train.lr=1e-4"]).train.lr == 1e-4
     with pytest.raises(ValueError, match="expects float"):
         load_config("digits", ["train.lr=fast"])
+
+
+def test_switching_backbone_needs_no_nulling_of_the_others_options():
+    """The digits preset sets U-Net options (channel_mult, attention_resolution); a flow model
+    from it ignores them, saying so, instead of failing on them."""
+    cfg = load_config("digits", ["model.size=null", "model.backbone=flow", "model.width=16", "model.depth=1",
+                                 "model.heads=2", "model.patch_size=4"])
+    with pytest.warns(UserWarning, match="model.channel_mult=\\[1, 2, 2\\] is not an option of backbone 'flow'"):
+        model = build_model_from_config(cfg)
+    assert type(model).__name__ == "FlowTransformer" and "channel_mult" not in model.build_args
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['channel_mult'\\] for backbone 'flow'"):
+        from nrdm.models import build_model
+        build_model(backbone="flow", channel_mult=(1, 2), image_size=8, in_channels=1)

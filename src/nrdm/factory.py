@@ -1,7 +1,9 @@
 """From a run configuration to the objects it describes (model, schedule, loss settings)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -9,36 +11,46 @@ import yaml
 from torch import nn
 
 from nrdm.checkpoint import find_checkpoint, load_checkpoint, write_model_args
-from nrdm.config import TRACKERS, Config
+from nrdm.config import TRACKERS, Config, ModelConfig
 from nrdm.data.latents import LatentShards, extract_latent_shards, source_fingerprint
 from nrdm.data.registry import build_dataset as build_pixel_dataset
 from nrdm.data.registry import check_video, data_shape, dataset_spec, pixel_config
 from nrdm.diffusion import LossConfig, VPSchedule
 from nrdm.models import build_model
-from nrdm.models.registry import MODEL_SIZES, VIDEO_BACKBONES
+from nrdm.models.registry import MODEL_SIZES, VIDEO_BACKBONES, backbone_options
 from nrdm.utils.cache import cache_dir
 
-_PASSTHROUGH = ("backbone", "width", "depth", "heads", "patch_size", "mlp_ratio", "channel_mult",
-                "attention_resolution", "temporal_resolution", "dropout", "skip_scaling", "skip_kappa", "branch_widths",
-                "branch_depths", "kernel_size", "branch_feed", "cross_skips", "first_branch", "learn_sigma", "embeddings", "variant", "gate_init",
-                "gate_source", "gate_shape", "input_conditioning")
+# ModelConfig keys that are not backbone options: the rest pass through to build_model
+_NOT_BACKBONE_OPTIONS = ("size", "backbone", "conditional", "text_encoder", "text_tokens", "grad_checkpointing")
+
+
+def resolved_backbone(m: ModelConfig) -> str | None:
+    """model.backbone, or the one its registry size implies."""
+    return m.backbone or MODEL_SIZES.get(m.size or "", {}).get("backbone")
 
 
 def model_kwargs(cfg: Config) -> dict:
     """Keyword arguments for build_model: the model section's set keys plus the data's shape."""
     channels, image_size, num_classes = data_shape(cfg.data)
     m = cfg.model
-    kwargs = {key: getattr(m, key) for key in _PASSTHROUGH if getattr(m, key) is not None}
-    for key in ("channel_mult", "branch_widths", "branch_depths"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
+    backbone = resolved_backbone(m)
+    options = backbone_options(backbone) if backbone else None
+    kwargs = {"backbone": m.backbone} if m.backbone else {}
+    for f in dataclasses.fields(m):
+        value = getattr(m, f.name)
+        if f.name in _NOT_BACKBONE_OPTIONS or value is None:
+            continue
+        if options is not None and f.name not in options:       # another backbone's option (e.g. a preset's)
+            warnings.warn(f"model.{f.name}={value!r} is not an option of backbone {backbone!r}; ignored")
+            continue
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     kwargs.update(image_size=image_size, in_channels=channels, num_classes=num_classes if m.conditional else 0,
                   num_timesteps=cfg.diffusion.num_timesteps)
     if cfg.data.frames:
         kwargs["num_frames"] = cfg.data.frames
     if m.text_encoder:
         kwargs["text_dim"] = text_encoder(cfg).encoder.pooled_dim
-        if kwargs.get("backbone", MODEL_SIZES.get(m.size or "", {}).get("backbone")) in ("flow", "u-transformer", "multires"):
+        if backbone in ("flow", "u-transformer", "multires"):
             kwargs["text_tokens"] = m.text_tokens
     return kwargs
 
@@ -213,7 +225,7 @@ def validate(cfg: Config) -> None:
     if captioned != bool(cfg.model.text_encoder):
         raise ValueError("caption data (data.captions=true or data.name=captions) and model.text_encoder go "
                          "together: set both (e.g. model.text_encoder=minilm) or neither")
-    backbone = cfg.model.backbone or MODEL_SIZES.get(cfg.model.size or "", {}).get("backbone")
+    backbone = resolved_backbone(cfg.model)
     if cfg.data.frames > 0 and backbone not in VIDEO_BACKBONES:
         raise ValueError(f"data.frames={cfg.data.frames} (video) with model backbone {backbone!r}: video needs "
                          f"model.backbone=video (Latte-like, e.g. model.size=Latte-S/2) or unet (space-time U-Net)")

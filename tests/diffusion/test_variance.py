@@ -162,7 +162,7 @@ def test_a_learned_sigma_run_trains_with_the_hybrid_loss_and_samples_with_its_va
     from nrdm.config import load_config
     from nrdm.training import train
 
-    flow = ["model.size=null", "model.backbone=flow", "model.channel_mult=null", "model.attention_resolution=null",
+    flow = ["model.size=null", "model.backbone=flow",
             "model.width=16", "model.depth=1", "model.heads=2", "model.patch_size=2", "model.learn_sigma=true",
             "model.variant=adaln-zero", "diffusion.vlb_weight=1.0", "train.steps=4"]
     train(load_config("digits", tiny_overrides + flow), tmp_path / "run", progress=False)

@@ -9,7 +9,7 @@ from nrdm.cli import main as cli_main
 from nrdm.training import load_checkpoint, latest_checkpoint
 
 MULTIRES = ["model.size=DiMR-T/2R", "model.width=16", "model.depth=3", "model.heads=2", "model.branch_widths=[8]",
-            "model.branch_depths=[1]", "model.channel_mult=null", "model.attention_resolution=null",
+            "model.branch_depths=[1]",
             "model.variant=adaln", "model.gate_source=tdp", "diffusion.branch_weights=[0.25, 1]"]
 
 

@@ -10,8 +10,7 @@ from nrdm.cli import main as cli_main
 from nrdm.config import load_config
 from nrdm.factory import validate
 
-TINY_TEXT = ["model.size=DiT-T/4", "model.width=32", "model.depth=2", "model.heads=2", "model.channel_mult=null",
-             "model.attention_resolution=null", "model.text_tokens=4", "data.image_size=8", "train.steps=2",
+TINY_TEXT = ["model.size=DiT-T/4", "model.width=32", "model.depth=2", "model.heads=2", "model.text_tokens=4", "data.image_size=8", "train.steps=2",
              "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.warmup_steps=1",
              "sample.n=4", "sample.steps=2"]
 

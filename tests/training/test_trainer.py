@@ -308,8 +308,7 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_config, tmp_p
     """A deeper flow model from a shallower run: shared tensors = the source's EMA, the extra block
     keeps its (identity) initialisation, the run starts at step 0 with its own optimizer; a source
     of another width is refused with what does not fit."""
-    flow = ["model.size=DiT-T/2", "model.width=16", "model.heads=2", "model.channel_mult=null",
-            "model.attention_resolution=null", "model.variant=adaln-zero"]
+    flow = ["model.size=DiT-T/2", "model.width=16", "model.heads=2", "model.variant=adaln-zero"]
     train(tiny_config(*flow, "model.depth=2", "train.steps=3"), tmp_path / "source", progress=False)
     source_ema = load_checkpoint(latest_checkpoint(tmp_path / "source"))["ema"]
     cfg = tiny_config(*flow, "model.depth=3", "train.steps=1", "train.lr=0", "train.ckpt_every=1",

@@ -15,8 +15,7 @@ TINY_VIDEO = ["model.width=16", "model.depth=2", "model.heads=2", "data.image_si
               "train.ckpt_every=2", "train.warmup_steps=1", "sample.n=4", "sample.steps=2"]
 
 
-LATTE = ["model.backbone=video", "model.patch_size=2", "model.mlp_ratio=4", "model.channel_mult=null",
-         "model.attention_resolution=null", "model.temporal_resolution=null"]
+LATTE = ["model.backbone=video", "model.patch_size=2", "model.mlp_ratio=4"]
 
 
 @pytest.mark.parametrize("backbone", ["preset", "latte"])   # the preset's space-time U-Net; Latte-like

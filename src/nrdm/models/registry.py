@@ -86,6 +86,14 @@ def _sizes() -> dict[str, dict]:
 MODEL_SIZES = _sizes()
 
 
+def backbone_options(backbone: str) -> set[str]:
+    """The keyword options a backbone takes (its constructor's, plus the unit keywords)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
+    params = inspect.signature(BACKBONES[backbone].__init__).parameters
+    return {p for p in params if p not in ("self", "unit")} | set(UNIT_KEYS)
+
+
 def build_model(size: str | None = None, **kwargs) -> nn.Module:
     """Build a backbone from a registry size and/or explicit keywords (which win over the size).
 
@@ -105,13 +113,11 @@ def build_model(size: str | None = None, **kwargs) -> nn.Module:
     unit_changes = {k: spec.pop(k) for k in UNIT_KEYS if k in spec}
     if unit_changes:
         unit = UnitConfig(**{**unit.__dict__, **unit_changes})
-    cls = BACKBONES[backbone]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "unit")]
-    unknown = sorted(set(spec) - set(accepted))
+    unknown = sorted(set(spec) - backbone_options(backbone))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for backbone {backbone!r}; "
-                         f"valid: {', '.join(accepted + list(UNIT_KEYS))}")
-    return cls(unit=unit, **spec)
+                         f"valid: {', '.join(sorted(backbone_options(backbone)))}")
+    return BACKBONES[backbone](unit=unit, **spec)
 
 
 def count_parameters(model: nn.Module) -> int:
