@@ -6,13 +6,14 @@ split minus a held-out part) classifies `--n` samples generated for known labels
 Prints the classifier's accuracy on held-out real images (its ceiling) and on the samples.
 """
 import argparse
+from dataclasses import replace
 import time
 from pathlib import Path
 
 from nrdm.data import build_dataset, dataset_spec, pixel_config
 from nrdm.factory import load_run
 from nrdm.metrics.classifier import accuracy, predict, train_classifier
-from nrdm.sampling import generate, grid_labels, sample_options
+from nrdm.sampling import generate, grid_labels
 
 
 def main():
@@ -36,13 +37,12 @@ def main():
     real_acc = accuracy(clf, test_set.images, test_set.labels)
     print(f"classifier: {time.time() - start:.0f}s, held-out real accuracy {real_acc:.3f} (n={len(test_set)})")
 
-    s = cfg.sample
-    sampler, steps = args.sampler or s.sampler, args.steps or s.steps
-    cfg_scale = s.cfg_scale if args.cfg is None else args.cfg
+    s = cfg.sample = replace(cfg.sample, sampler=args.sampler or cfg.sample.sampler, steps=args.steps or cfg.sample.steps,
+                             cfg_scale=cfg.sample.cfg_scale if args.cfg is None else args.cfg, seed=args.seed)
+    sampler, steps, cfg_scale = s.sampler, s.steps, s.cfg_scale
     labels = grid_labels(args.n, model.num_classes)
     start = time.time()
-    images = generate(model, schedule, args.n, labels, sampler, steps, cfg_scale, seed=args.seed, progress=True,
-                      options=sample_options(s, sampler))
+    images = generate(model, schedule, args.n, labels, s, progress=True)
     pred = predict(clf, images)
     acc = float((pred == labels).float().mean())
     per_class = [float((pred[labels == k] == k).float().mean()) for k in range(model.num_classes)]

@@ -63,8 +63,7 @@ def sampling_seconds_per_image(run_dir: Path, n: int) -> float:
     included for latent models."""
     cfg, model, schedule, _ = load_run(run_dir)
     start = time.perf_counter()
-    generate(model, schedule, n, torch.arange(n) % 10, cfg.sample.sampler, cfg.sample.steps, cfg.sample.cfg_scale,
-             **output_kwargs(cfg))
+    generate(model, schedule, n, torch.arange(n) % 10, cfg.sample, **output_kwargs(cfg))
     return (time.perf_counter() - start) / n
 
 

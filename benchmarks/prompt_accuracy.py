@@ -10,6 +10,7 @@ Prints the domain network's held-out accuracy on real images (its ceiling), then
 accuracy on samples, and the mean over seen and unseen templates.
 """
 import argparse
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from nrdm.data.captions import class_caption, indefinite_article
 from nrdm.data.registry import dataset_spec
 from nrdm.factory import load_run, output_kwargs, text_encoder
 from nrdm.metrics.features import domain_network
-from nrdm.sampling import generate, grid_labels, sample_options
+from nrdm.sampling import generate, grid_labels
 
 # phrasings that appear in no training caption (the class word or numeral is all they share)
 UNSEEN = {
@@ -49,9 +50,9 @@ def main():
     dataset = "fashion" if cfg.data.name == "fashion" else "digits"
     net = domain_network(cfg.data)
     print(f"{net.name}: held-out real accuracy {net.meta['test_accuracy']:.3f}")
-    s = cfg.sample
-    sampler, steps = args.sampler or s.sampler, args.steps or s.steps
-    cfg_scale = s.cfg_scale if args.cfg is None else args.cfg
+    s = replace(cfg.sample, sampler=args.sampler or cfg.sample.sampler, steps=args.steps or cfg.sample.steps,
+                cfg_scale=cfg.sample.cfg_scale if args.cfg is None else args.cfg, seed=args.seed)
+    sampler, steps, cfg_scale = s.sampler, s.steps, s.cfg_scale
     print(f"{args.n} samples per template from {ckpt} ({sampler}, {steps} steps, cfg {cfg_scale}, seed {args.seed})")
 
     labels = grid_labels(args.n, 10)
@@ -62,8 +63,7 @@ def main():
     for kind, caption in rows:
         prompts = [caption(int(k)) for k in labels]
         start = time.time()
-        images = generate(model, schedule, args.n, text_encoder(cfg)(prompts), sampler, steps, cfg_scale,
-                          seed=args.seed, options=sample_options(s, sampler), **output_kwargs(cfg))
+        images = generate(model, schedule, args.n, text_encoder(cfg)(prompts), s, **output_kwargs(cfg))
         pred = torch.from_numpy(net(images)["probs"]).argmax(1)
         acc = float((pred == labels).float().mean())
         accuracy[kind].append(acc)

@@ -60,7 +60,7 @@ def main() -> None:
     done = {key_of(r) for r in rows}
     cfg, model, schedule, ckpt = load_run(args.run)
     net = feature_network(cfg.data, progress=False)
-    base = cfg.sample if args.cfg is None else dataclasses.replace(cfg.sample, cfg_scale=args.cfg)
+    base = dataclasses.replace(cfg.sample, seed=args.seed, **({} if args.cfg is None else {"cfg_scale": args.cfg}))
     todo = [dict(sampler=s, spacing=p, nfe=k, interval=i, cache=c) for s in args.samplers for p in args.spacings
             for k in args.nfe for i in args.intervals for c in args.cache
             if not (s == "heun" and k < 3)]
@@ -72,7 +72,7 @@ def main() -> None:
                                          steps=steps_for(row["sampler"], row["nfe"]), guidance_interval=interval,
                                          cache_interval=row["cache"])
         start = time.perf_counter()
-        result = evaluate(model, schedule, cfg, n=args.n, seed=args.seed, net=net, progress=False)
+        result = evaluate(model, schedule, cfg, n=args.n, net=net, progress=False)
         row.update(seconds=time.perf_counter() - start, fid=result["metrics"]["fid"],
                    class_accuracy=result["metrics"].get("class_accuracy"), cfg_scale=base.cfg_scale,
                    n=args.n, checkpoint=str(ckpt))

@@ -2,6 +2,7 @@
 processes), resumable chunk files, grids of many-class models, and every module that touches a
 sample (autoencoder, text encoder, feature network) on the model's device."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,7 +173,8 @@ def test_bf16_and_compiled_sampling_agree_with_fp32(tiny_run, monkeypatch):
     from nrdm.sampling import generate
     cfg, model, schedule, _ = load_run(tiny_run)
     labels = torch.arange(4) % 10
-    run = lambda **options: generate(model, schedule, 4, labels, "ddim", 3, 2.0, options=options)
+    run = lambda **options: generate(model, schedule, 4, labels, replace(cfg.sample, sampler="ddim", steps=3,
+                                                                         cfg_scale=2.0, **options))
     fp32 = run()
     bf16 = run(precision="bf16")
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
@@ -187,8 +189,8 @@ def test_ddim_eta_does_not_silence_the_sde_samplers(tiny_config):
     from nrdm.sampling import sample_options
     cfg = tiny_config("sample.eta=0.0", "sample.sampler=euler-a")
     assert sample_options(cfg.sample)["eta"] == 1.0
-    assert sample_options(cfg.sample, "ddim")["eta"] == 0.0
-    assert sample_options(tiny_config("sample.sde_eta=0.5").sample, "dpm++2m-sde")["eta"] == 0.5
+    assert sample_options(replace(cfg.sample, sampler="ddim"))["eta"] == 0.0
+    assert sample_options(replace(tiny_config("sample.sde_eta=0.5").sample, sampler="dpm++2m-sde"))["eta"] == 0.5
 
 
 def test_a_run_copied_without_its_data_samples_and_evaluates(tmp_path, tiny_overrides, capsys):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nrdm.config import SampleConfig
 from nrdm.data.registry import dataset_spec
 from nrdm.diffusion import VPSchedule, eps_predictor, sample
 from nrdm.models.blocks import unwrap
@@ -94,34 +95,32 @@ def resolve_variance(model: nn.Module, variance: str) -> str:
     return variance
 
 
-@torch.no_grad()
-def sample_options(sample_cfg, sampler: str | None = None) -> dict:
-    """The sampler and guidance settings of a SampleConfig, as generate's `options` (each sampler
-    takes the ones it knows: nrdm.diffusion.sample). `eta` is DDIM's sample.eta for ddim and
-    sample.sde_eta for the ancestral and SDE samplers (runs saved before sde_eta existed carry
-    eta: 0.0, DDIM's default, which must not silence them)."""
-    s = sample_cfg
+def sample_options(s: SampleConfig) -> dict:
+    """The sampler and guidance options of sample settings (each sampler takes the ones it
+    knows: nrdm.diffusion.sample). `eta` is DDIM's sample.eta for ddim and sample.sde_eta for the
+    ancestral and SDE samplers (runs saved before sde_eta existed carry eta: 0.0, DDIM's default,
+    which must not silence them)."""
     interval = tuple(s.guidance_interval) if s.guidance_interval else None
-    eta = s.eta if (sampler or s.sampler) == "ddim" else s.sde_eta
+    eta = s.eta if s.sampler == "ddim" else s.sde_eta
     return dict(spacing=s.spacing, variance=s.variance, eta=eta, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise,
                 guidance_interval=interval, cfg_rescale=s.cfg_rescale, cache_interval=s.cache_interval,
                 precision=s.precision, compile=s.compile)
 
 
-def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
-                    sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float | None = None,
-                    seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
-                    clip_x0: float | None = 1.0, decode=None, rank: int = 0, world_size: int = 1, skip=None,
-                    options: dict | None = None):
+def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels, settings: SampleConfig,
+                    batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
+                    clip_x0: float | None = 1.0, decode=None, rank: int = 0, world_size: int = 1, skip=None):
     """Yields (start, samples in [-1, 1] on the CPU) for this process's chunks of n samples (see
-    `chunks`). The noise of chunk [a, b) depends only on (seed, a, b): any world size gives the
-    same samples, and so does any batch size for the deterministic samplers. skip(start, stop) ->
-    True leaves a chunk out (e.g. one already on disk). options: sample_options(cfg.sample)."""
-    options = {**(options or {}), "eta": eta} if eta is not None else dict(options or {})   # an explicit eta wins
+    `chunks`), drawn as `settings` (a SampleConfig: sampler, steps, cfg_scale, seed and the
+    sampler's options) say. The noise of chunk [a, b) depends only on (settings.seed, a, b): any
+    world size gives the same samples, and so does any batch size for the deterministic samplers.
+    skip(start, stop) -> True leaves a chunk out (e.g. one already on disk)."""
+    s = settings
+    options = sample_options(s)
     interval, rescale = options.pop("guidance_interval", None), options.pop("cfg_rescale", 0.0)
     cache_interval = options.pop("cache_interval", 1)
     options["variance"] = resolve_variance(model, options.get("variance", "auto"))
-    with_variance = sampler == "ddpm" and options["variance"] == "learned"
+    with_variance = s.sampler == "ddpm" and options["variance"] == "learned"
     precision, compiled = options.pop("precision", "fp32"), options.pop("compile", False)
     network = torch.compile(model) if compiled else model                 # the module's attributes pass through
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -133,30 +132,29 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels: torc
             if skip is not None and skip(start, stop):
                 continue
             y = take(labels, start, stop).to(device) if labels is not None else None
-            eps_fn = eps_predictor(network, schedule, y, cfg_scale, interval, rescale, with_variance)
-            gen = torch.Generator().manual_seed(noise_seed(seed, start, 1))
-            x_T = initial_noise(tuple(model.sample_shape), seed, start, stop).to(device)
+            eps_fn = eps_predictor(network, schedule, y, s.cfg_scale, interval, rescale, with_variance)
+            gen = torch.Generator().manual_seed(noise_seed(s.seed, start, 1))
+            x_T = initial_noise(tuple(model.sample_shape), s.seed, start, stop).to(device)
             with feature_cache(model, cache_interval) as cache, autocast():     # a fresh cache per batch
                 stepped = eps_fn if cache is None else (lambda x, t, f=eps_fn: cache.step() or f(x, t))
-                x = sample(stepped, x_T, schedule, sampler, steps, generator=gen, progress=progress, clip_x0=clip_x0,
-                           **options)
+                x = sample(stepped, x_T, schedule, s.sampler, s.steps, generator=gen, progress=progress,
+                           clip_x0=clip_x0, **options)
             x = x.float()
             yield start, (decode(x) if decode is not None else x).clamp(-1, 1).cpu()
     finally:
         model.train(was_training)
 
 
-def generate(model: nn.Module, schedule: VPSchedule, n: int, labels: torch.Tensor | None = None,
-             sampler: str = "dpm++2m", steps: int = 50, cfg_scale: float = 1.0, eta: float | None = None, seed: int = 0,
+def generate(model: nn.Module, schedule: VPSchedule, n: int, labels, settings: SampleConfig,
              batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
-             clip_x0: float | None = 1.0, decode=None, options: dict | None = None) -> torch.Tensor:
+             clip_x0: float | None = 1.0, decode=None) -> torch.Tensor:
     """n samples (n, *model.sample_shape), i.e. (n, C, H, W) or (n, C, F, H, W), in [-1, 1], in one
-    process. The noise comes from CPU generators (see generate_chunks), so results do not depend
-    on the device (up to floating-point differences between devices). clip_x0 = 1 keeps the
-    sampler's data prediction in the pixel range [-1, 1]. Latent models pass clip_x0=None and
-    `decode` (latents -> pixels, per batch): see factory.output_kwargs."""
-    return torch.cat([x for _, x in generate_chunks(model, schedule, n, labels, sampler, steps, cfg_scale, eta, seed,
-                                                     batch_size, device, progress, clip_x0, decode, options=options)])
+    process, drawn as `settings` say (see generate_chunks). The noise comes from CPU generators,
+    so results do not depend on the device (up to floating-point differences between devices).
+    clip_x0 = 1 keeps the sampler's data prediction in the pixel range [-1, 1]. Latent models pass
+    clip_x0=None and `decode` (latents -> pixels, per batch): see factory.output_kwargs."""
+    return torch.cat([x for _, x in generate_chunks(model, schedule, n, labels, settings, batch_size, device, progress,
+                                                     clip_x0, decode)])
 
 
 def save_chunk(samples: torch.Tensor, start: int, parts_dir: Path, png_dir: Path | None = None) -> None:

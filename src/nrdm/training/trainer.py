@@ -37,7 +37,7 @@ from nrdm.diffusion import NoiseDraws, diffusion_loss
 from nrdm.factory import (build_dataset, build_loss_config, build_model_from_config, build_schedule, output_kwargs,
                           training_condition, validate)
 from nrdm.models import count_parameters, no_weight_decay_names
-from nrdm.sampling import generate, sample_conditions, sample_options, save_samples
+from nrdm.sampling import generate, sample_conditions, save_samples
 from nrdm.checkpoint import latest_checkpoint, load_checkpoint, load_initial_weights, save_checkpoint
 from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
@@ -459,8 +459,7 @@ def write_samples(model: nn.Module, schedule, cfg: Config, path: Path, device,
     models get one class per column (labels 0..K-1 repeated)."""
     s = cfg.sample
     condition, _, nrow = sample_conditions(model, cfg, s.n, prompts, grid=True)
-    images = generate(model, schedule, s.n, condition, s.sampler, s.steps, s.cfg_scale, seed=s.seed, device=device,
-                      options=sample_options(s), **output_kwargs(cfg, device))
+    images = generate(model, schedule, s.n, condition, s, device=device, **output_kwargs(cfg, device))
     return save_samples(images, path, nrow=nrow)
 
 
