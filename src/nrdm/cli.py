@@ -29,6 +29,7 @@ import yaml
 from tqdm.auto import tqdm
 
 
+from nrdm.config import DEVICES
 from nrdm.factory import load_run, output_kwargs
 from nrdm.models.gated_unit import VARIANTS
 
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="text-to-image: a caption; repeat for several "
                                                                   "(cycled over the samples, one per grid column)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
     p.add_argument("--scale", type=positive_int, help="enlarge the grid by this integer factor (default: none)")
     p.set_defaults(func=_sample)
 
@@ -440,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(file from $NRDM_INCEPTION / $NRDM_I3D) or a path to such a TorchScript file")
     p.add_argument("--domain-epochs", type=positive_int, help="training epochs of a new domain network (default: auto)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("latents", help="pre-extract the latents of a config's data (data.vae) into the cache",
@@ -449,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--splits", nargs="+", help="splits to extract (default: data.split, and the held-out split "
                                                "of datasets that have one)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available "
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available "
                                                                                      "(torchrun: one GPU per process)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
     p.add_argument("--shard-size", type=positive_int, default=16384, help="images per shard file (the unit of "

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 TRACKERS = ("tensorboard", "wandb")   # train.loggers: experiment trackers besides log.jsonl
+DEVICES = ("auto", "cpu", "cuda")     # train.device and --device; auto = cuda when available
 
 PRESET_DIR = Path(__file__).parent / "configs"
 

@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from nrdm.checkpoint import find_checkpoint, load_checkpoint, write_model_args
-from nrdm.config import TRACKERS, Config, ModelConfig
+from nrdm.config import DEVICES, TRACKERS, Config, ModelConfig
 from nrdm.data.latents import LatentShards, extract_latent_shards, source_fingerprint
 from nrdm.data.registry import build_dataset as build_pixel_dataset
 from nrdm.data.registry import check_video, data_shape, dataset_spec, pixel_config
@@ -192,7 +192,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     for name, value, allowed in [("train.precision", t.precision, ("fp32", "bf16", "fp16")),
                                  ("train.parallel", t.parallel, ("ddp", "fsdp")),
-                                 ("train.device", t.device, ("auto", "cpu", "cuda")),
+                                 ("train.device", t.device, DEVICES),
                                  ("train.lr_schedule", t.lr_schedule, ("constant", "cosine")),
                                  ("data.latent_sample", cfg.data.latent_sample, ("mean", "posterior")),
                                  ("sample.spacing", cfg.sample.spacing, SPACINGS),

@@ -4,11 +4,11 @@ templates, whether the project's domain network can be trained on it). Other mod
 registry; none tests a dataset's name.
 
     from nrdm.data.registry import DatasetSpec, register
-    register(DatasetSpec("squares", build=make_squares, shape=lambda cfg: (1, 4)))
+    register(DatasetSpec("squares", build=make_squares, shape=lambda data: (1, 4)))
     # now `nrdm train` / `sample` / `eval` accept data.name=squares
 
-`build(cfg)` gets the DataConfig (its split, image_size, root, ...) and returns the pixel dataset;
-`shape(cfg)` gives (channels, num_classes) without loading images.
+`build(data)` gets the DataConfig (its split, image_size, root, ...) and returns the pixel dataset;
+`shape(data)` gives (channels, num_classes) without loading images.
 """
 from __future__ import annotations
 
@@ -52,59 +52,59 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def pixel_config(cfg, **changes):
+def pixel_config(data, **changes):
     """The pixel view of a DataConfig: the same data without the autoencoder (and any `changes`,
     e.g. captions=False for class labels)."""
-    return dataclasses.replace(cfg, vae=None, **changes)
+    return dataclasses.replace(data, vae=None, **changes)
 
 
-def check_video(cfg) -> None:
-    video = dataset_spec(cfg.name).video
-    if video and cfg.frames < 1:
-        raise ValueError(f"data.name={cfg.name} is video: set data.frames (frames per clip, e.g. 8)")
-    if not video and cfg.frames:
+def check_video(data) -> None:
+    video = dataset_spec(data.name).video
+    if video and data.frames < 1:
+        raise ValueError(f"data.name={data.name} is video: set data.frames (frames per clip, e.g. 8)")
+    if not video and data.frames:
         names = ", ".join(name for name, spec in DATASETS.items() if spec.video)
-        raise ValueError(f"data.frames={cfg.frames} needs a video dataset ({names}); "
-                         f"data.name={cfg.name} holds images (set data.frames=0)")
+        raise ValueError(f"data.frames={data.frames} needs a video dataset ({names}); "
+                         f"data.name={data.name} holds images (set data.frames=0)")
 
 
-def held_out_split(cfg) -> str | None:
+def held_out_split(data) -> str | None:
     """The dataset's held-out split ("test"), or None when it has none (a folder is one set of
     images: its "test" would be the same images again)."""
-    return dataset_spec(cfg.name).held_out_split
+    return dataset_spec(data.name).held_out_split
 
 
-def build_dataset(cfg) -> torch.utils.data.Dataset:
-    """cfg: nrdm.config.DataConfig. Caption data (data.captions, or name=captions) yields
+def build_dataset(data) -> torch.utils.data.Dataset:
+    """data: nrdm.config.DataConfig. Caption data (data.captions, or name=captions) yields
     caption ids into the dataset's `caption_table` instead of class labels. Pixels only: the
     latents of data.vae come from `nrdm.factory.build_dataset`, which wraps this."""
-    if cfg.vae:
+    if data.vae:
         raise ValueError("nrdm.data.build_dataset gives pixels; for data.vae latents use nrdm.factory.build_dataset")
-    spec = dataset_spec(cfg.name)
-    check_video(cfg)
-    if cfg.captions and not spec.class_words:
+    spec = dataset_spec(data.name)
+    check_video(data)
+    if data.captions and not spec.class_words:
         captioned = ", ".join(name for name, s in DATASETS.items() if s.class_words)
-        raise ValueError(f"data.captions=true captions {captioned} by class; for data.name={cfg.name} use "
+        raise ValueError(f"data.captions=true captions {captioned} by class; for data.name={data.name} use "
                          f"data.name=captions with a JSONL/CSV caption file")
-    dataset = spec.build(cfg)
-    if cfg.captions:
+    dataset = spec.build(data)
+    if data.captions:
         from nrdm.data.captions import embed_captions
         dataset = embed_captions(dataset)
     return dataset
 
 
-def data_shape(cfg) -> tuple[int, int, int]:
+def data_shape(data) -> tuple[int, int, int]:
     """(channels, image_size, num_classes) of what the model sees, without loading any images:
     pixels, or VAE latents when data.vae is set."""
-    if cfg.vae:
-        if cfg.image_size % cfg.vae_downsample:
-            raise ValueError(f"data.image_size={cfg.image_size} must be divisible by data.vae_downsample={cfg.vae_downsample}")
-        _, _, num_classes = data_shape(pixel_config(cfg))
-        return cfg.latent_channels, cfg.image_size // cfg.vae_downsample, num_classes
-    spec = dataset_spec(cfg.name)
-    check_video(cfg)
-    channels, num_classes = spec.shape(cfg)
-    return channels, cfg.image_size, num_classes
+    if data.vae:
+        if data.image_size % data.vae_downsample:
+            raise ValueError(f"data.image_size={data.image_size} must be divisible by data.vae_downsample={data.vae_downsample}")
+        _, _, num_classes = data_shape(pixel_config(data))
+        return data.latent_channels, data.image_size // data.vae_downsample, num_classes
+    spec = dataset_spec(data.name)
+    check_video(data)
+    channels, num_classes = spec.shape(data)
+    return channels, data.image_size, num_classes
 
 
 def materialise(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,60 +119,60 @@ def materialise(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 # the built-in datasets
 # ---------------------------------------------------------------------------------------------
 
-def _require_root(cfg, what: str) -> str:
-    if not cfg.root:
+def _require_root(data, what: str) -> str:
+    if not data.root:
         raise ValueError(f"data.root must point at {what}")
-    return cfg.root
+    return data.root
 
 
-def _idx(cfg):
-    root = cfg.root or (FASHION_MNIST_DIR if cfg.name == "fashion" else None)
+def _idx(data):
+    root = data.root or (FASHION_MNIST_DIR if data.name == "fashion" else None)
     if root is None:
         raise ValueError("data.root must point at a directory of MNIST idx(.gz) files")
-    return load_idx_dataset(root, cfg.split, cfg.image_size, cfg.name)
+    return load_idx_dataset(root, data.split, data.image_size, data.name)
 
 
-def _moving_digits(cfg):
+def _moving_digits(data):
     from nrdm.data.video import moving_digits
-    clips = cfg.num_clips // 4 if cfg.split == "test" else cfg.num_clips
-    return moving_digits(clips, cfg.frames, cfg.image_size, cfg.digit_size or cfg.image_size // 2, cfg.num_digits,
-                         cfg.speed, cfg.split)
+    clips = data.num_clips // 4 if data.split == "test" else data.num_clips
+    return moving_digits(clips, data.frames, data.image_size, data.digit_size or data.image_size // 2, data.num_digits,
+                         data.speed, data.split)
 
 
-def _video_folder(cfg):
+def _video_folder(data):
     from nrdm.data.video import VideoFolder
-    root = _require_root(cfg, "a video folder (see nrdm.data.video for the layouts)")
-    return VideoFolder(root, cfg.image_size, cfg.frames, cfg.frame_stride, cfg.skip_corrupt, cfg.num_classes)
+    root = _require_root(data, "a video folder (see nrdm.data.video for the layouts)")
+    return VideoFolder(root, data.image_size, data.frames, data.frame_stride, data.skip_corrupt, data.num_classes)
 
 
-def _video_folder_shape(cfg):
+def _video_folder_shape(data):
     from nrdm.data.video import scan_video_folder
-    if cfg.num_classes is not None:
-        return 3, cfg.num_classes
-    return 3, len(scan_video_folder(Path(cfg.root or ""))[1])
+    if data.num_classes is not None:
+        return 3, data.num_classes
+    return 3, len(scan_video_folder(Path(data.root or ""))[1])
 
 
-def _caption_file(cfg):
+def _caption_file(data):
     from nrdm.data.captions import CaptionFile
-    return CaptionFile(_require_root(cfg, "a JSONL or CSV caption file (image, caption)"), cfg.image_size)
+    return CaptionFile(_require_root(data, "a JSONL or CSV caption file (image, caption)"), data.image_size)
 
 
-def _folder(cfg):
-    return ImageFolder(_require_root(cfg, "an image folder (root/<class>/<images>)"), cfg.image_size,
-                       cfg.skip_corrupt, cfg.num_classes)
+def _folder(data):
+    return ImageFolder(_require_root(data, "an image folder (root/<class>/<images>)"), data.image_size,
+                       data.skip_corrupt, data.num_classes)
 
 
-def _folder_shape(cfg):
-    if cfg.num_classes:
-        return 3, cfg.num_classes
-    root = Path(cfg.root or "")
+def _folder_shape(data):
+    if data.num_classes:
+        return 3, data.num_classes
+    root = Path(data.root or "")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist; set data.root (or data.num_classes)")
     return 3, sum(p.is_dir() for p in root.iterdir())
 
 
-def _ten_classes(cfg):
-    return 1, cfg.num_classes or 10
+def _ten_classes(data):
+    return 1, data.num_classes or 10
 
 
 def _moving_digits_key(d) -> str:
@@ -189,7 +189,7 @@ FASHION_WORDS = ("T-shirt", "pair of trousers", "pullover", "dress", "coat", "sa
 FASHION_TEMPLATES = ("a photo of {article} {word}", "a grayscale picture of {article} {word}", "{article} {word}",
                      "a product photo of {article} {word}", "a small image showing {article} {word}")
 
-register(DatasetSpec("digits", lambda cfg: load_digits_dataset(cfg.image_size, cfg.split), _ten_classes,
+register(DatasetSpec("digits", lambda data: load_digits_dataset(data.image_size, data.split), _ten_classes,
                      held_out_split="test", disjoint_train_split="train-only", domain_network=True,
                      class_words=DIGIT_WORDS, caption_templates=DIGIT_TEMPLATES))
 register(DatasetSpec("mnist", _idx, _ten_classes, held_out_split="test", domain_network=True,
@@ -197,7 +197,7 @@ register(DatasetSpec("mnist", _idx, _ten_classes, held_out_split="test", domain_
 register(DatasetSpec("fashion", _idx, _ten_classes, held_out_split="test", domain_network=True,
                      class_words=FASHION_WORDS, caption_templates=FASHION_TEMPLATES))
 register(DatasetSpec("folder", _folder, _folder_shape))
-register(DatasetSpec("captions", _caption_file, lambda cfg: (3, 0), captioned=True))
+register(DatasetSpec("captions", _caption_file, lambda data: (3, 0), captioned=True))
 register(DatasetSpec("moving-digits", _moving_digits, _ten_classes, video=True, held_out_split="test",
                      domain_network=True, domain_key=_moving_digits_key))
 register(DatasetSpec("video-folder", _video_folder, _video_folder_shape, video=True))

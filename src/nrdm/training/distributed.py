@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nrdm.config import DEVICES
+
 
 @dataclass
 class DistEnv:
@@ -29,8 +31,8 @@ class DistEnv:
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown train.device {device!r}; allowed: auto, cpu, cuda")
+    if device not in DEVICES:
+        raise ValueError(f"unknown train.device {device!r}; allowed: {', '.join(DEVICES)}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
