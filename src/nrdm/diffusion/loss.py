@@ -165,14 +165,14 @@ def branch_target(target: torch.Tensor, size: int) -> torch.Tensor:
     return target if ratio == 1 else ratio * nn.functional.avg_pool2d(target, ratio)
 
 
-def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, labels,
+def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, condition,
                    target: torch.Tensor, schedule: VPSchedule, config: LossConfig) -> torch.Tensor:
     """E w(n) ||F(x_n, n) - target||^2; with branch_weights (multi-resolution loss, DiMR),
     sum_r w_r E w(n) ||F_r(x_n, n) - target_r||^2 over the branches r of a multires backbone; with
     vlb_weight (the hybrid loss), + vlb_weight E L_n of the learned variance, the mean's gradient
     stopped (nrdm.diffusion.variance.vlb_term)."""
     if config.branch_weights is None:
-        prediction, variance = split_output(model, model(xt, t, labels))
+        prediction, variance = split_output(model, model(xt, t, condition))
         mse = _mse(prediction, target, schedule, t, config.min_snr_gamma)
         if not config.vlb_weight:
             return mse
@@ -184,7 +184,7 @@ def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torc
     if config.vlb_weight:
         raise ValueError("diffusion.vlb_weight (learned variance) and diffusion.branch_weights (multi-resolution "
                          "loss) do not combine: the multires backbone has no variance output")
-    predictions = model(xt, t, labels, all_branches=True)
+    predictions = model(xt, t, condition, all_branches=True)
     if len(predictions) != len(config.branch_weights):
         raise ValueError(f"diffusion.branch_weights has {len(config.branch_weights)} entries for a model with "
                          f"{len(predictions)} branches: give one weight per branch, coarse to fine")
@@ -192,10 +192,10 @@ def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torc
                for w, p in zip(config.branch_weights, predictions))
 
 
-def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSchedule,
+def diffusion_loss(model: nn.Module, x0: torch.Tensor, condition, schedule: VPSchedule,
                    config: LossConfig = LossConfig(), generator: torch.Generator | None = None,
                    diagnostics: bool = False, draws: NoiseDraws | None = None) -> LossOutput:
-    """One Monte-Carlo estimate of the loss on a batch: t ~ U{0..T-1}, eps ~ N(0, I), labels (class
+    """One Monte-Carlo estimate of the loss on a batch: t ~ U{0..T-1}, eps ~ N(0, I), condition (class
     indices or TextEmbeddings) dropped to the model's null condition with probability label_drop,
     and the probes' seeds. `draws` supplies those; by default they come from `generator`, which
     also picks the penalized units.
@@ -207,14 +207,14 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
         draws = NoiseDraws.sample(x0.shape, schedule.num_timesteps, config.label_drop, generator, x0.device,
                                   config.timestep_density(schedule))
     t, noise = draws.t, draws.noise.to(x0.dtype)
-    if labels is not None:           # condition dropout: the null class or the empty caption
+    if condition is not None:           # condition dropout: the null class or the empty caption
         null = null_condition(unwrap(model), x0.shape[0], x0.device)
         if null is not None:
-            labels = replace_where(draws.drop, null, labels)
+            condition = replace_where(draws.drop, null, condition)
     xt = schedule.add_noise(x0, t, noise)
     target = schedule.target(x0, t, noise)
     if config.gamma == 0 and not diagnostics:
-        mse = denoising_term(model, x0, xt, t, labels, target, schedule, config)
+        mse = denoising_term(model, x0, xt, t, condition, target, schedule, config)
         return LossOutput(mse, mse.detach())
 
     units = gated_units(model)
@@ -224,7 +224,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels, schedule: VPSched
         penalized = [units[i] for i in pick]
     with UnitTracer(model, units=units if diagnostics else penalized, keep_inputs=penalized,
                     stats=diagnostics) as tracer:
-        mse = denoising_term(model, x0, xt, t, labels, target, schedule, config)
+        mse = denoising_term(model, x0, xt, t, condition, target, schedule, config)
     if not penalized:
         return LossOutput(mse, mse.detach(), tracer=tracer)
     gather_sharded_parameters(model, penalized)

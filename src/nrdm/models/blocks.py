@@ -38,7 +38,7 @@ class ConditionEmbedder(nn.Module):
         y_emb, context = None, None
         if self.label is not None:
             if not isinstance(condition, torch.Tensor):
-                raise ValueError("this model is class-conditional: pass labels "
+                raise ValueError("this model is class-conditional: pass class labels (B,) "
                                  f"(use {self.label.num_classes} for the null class)")
             y_emb = self.label(condition)                                        # (B, D)
         elif self.text is not None:
@@ -174,9 +174,9 @@ class LongSkipScaler(nn.Module):
 
 
 class Backbone(nn.Module):
-    """What every backbone shares: `forward(x, t, labels=None) -> prediction with x's shape`.
+    """What every backbone shares: `forward(x, t, condition=None) -> prediction with x's shape`.
 
-    x: (B, *sample_shape) noisy input, t: (B,) diffusion steps in [0, num_timesteps), labels: the
+    x: (B, *sample_shape) noisy input, t: (B,) diffusion steps in [0, num_timesteps), condition: the
     condition: (B,) class indices with `null_class` (= num_classes) meaning "no class", or
     TextEmbeddings for text models (text_dim > 0); `null_condition(B)` gives the "no condition"
     input of either kind.
@@ -188,7 +188,7 @@ class Backbone(nn.Module):
     num_timesteps: int
     unit: UnitConfig
     grad_checkpointing: bool = False   # recompute each block in the backward pass to save memory
-    partial_forward: bool = False      # True when forward(x, t, labels) leaves some parameters unused
+    partial_forward: bool = False      # True when forward(x, t, condition) leaves some parameters unused
     learn_sigma: bool = False          # outputs 2C channels: the prediction, then a variance interpolation
 
     @property
@@ -257,9 +257,9 @@ class Backbone(nn.Module):
     def example_inputs(self, batch: int = 1, device="cpu"):
         x = torch.zeros(batch, *self.sample_shape, device=device)
         t = torch.full((batch,), self.num_timesteps // 2, device=device, dtype=torch.long)
-        labels = self.null_condition(batch, device) if self.text_dim else (
+        condition = self.null_condition(batch, device) if self.text_dim else (
             torch.zeros(batch, dtype=torch.long, device=device) if self.num_classes else None)
-        return x, t, labels
+        return x, t, condition
 
     def check_input(self, x: torch.Tensor) -> None:
         expected = self.sample_shape

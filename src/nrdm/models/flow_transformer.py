@@ -67,9 +67,9 @@ class FlowTransformer(Backbone):
         self.final = FinalLayer(width, patch_size * patch_size * self.out_channels)
         count_units(self)                            # depth-mup's L
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        cond, _, _, context = self.embed(t, labels)                          # c: (B, D), context (B, L, D) or None
+        cond, _, _, context = self.embed(t, condition)                          # c: (B, D), context (B, L, D) or None
         z = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
         if self.cond_in is not None:
             z = z + self.cond_in(cond.vec)[:, None]                          # (B, N, D)

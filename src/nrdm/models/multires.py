@@ -189,9 +189,9 @@ class MultiResolution(Backbone):
         """Side length of each branch's prediction, coarse to fine."""
         return [self.image_size // 2 ** (len(self.branches) - 1 - r) for r in range(len(self.branches))]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None, all_branches: bool = False):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition=None, all_branches: bool = False):
         self.check_input(x)
-        cond, t_emb, y_emb, context = self.embed(t, labels)
+        cond, t_emb, y_emb, context = self.embed(t, condition)
         extra = None                                                         # condition tokens (B, E, D)
         if self.tokens:
             extra = torch.cat([t_emb[:, None]] + ([y_emb[:, None]] if y_emb is not None else []) +

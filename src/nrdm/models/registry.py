@@ -130,9 +130,9 @@ def count_flops(model: nn.Module, batch: int = 1) -> int:
 
     DiT/fvcore report multiply-adds as "flops": divide by 2 to compare with their tables.
     """
-    x, t, labels = model.example_inputs(batch)
+    x, t, condition = model.example_inputs(batch)
     with explicit_attention(), FlopCounterMode(display=False) as counter:
-        model(x, t, labels)
+        model(x, t, condition)
     return counter.get_total_flops()
 
 

@@ -94,18 +94,18 @@ class UnitTracer:
 
 
 @torch.no_grad()
-def gate_profile(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None,
+def gate_profile(model: nn.Module, x: torch.Tensor, condition: torch.Tensor | None = None,
                  times=(0, 100, 250, 500, 750, 999)) -> dict[str, list]:
     """Mean of each gate (alpha, beta, ...) over units, batch and channels at several diffusion
     steps t: {"t": [...], "alpha_mean": [...], ...}. The gates see only the conditioning (t and
-    labels), so x only sets the batch; variants without gates return just "t"."""
+    condition), so x only sets the batch; variants without gates return just "t"."""
     was_training = model.training
     model.eval()
     out: dict[str, list] = {"t": list(times)}
     t_vec = torch.empty(len(x), dtype=torch.long, device=x.device)
     for t in times:
         with UnitTracer(model, stats=True) as tracer:
-            model(x, t_vec.fill_(t), labels)
+            model(x, t_vec.fill_(t), condition)
         for key, values in tracer.diagnostics().items():
             values = [v for v in values if v is not None]
             if key.endswith("_mean") and values:

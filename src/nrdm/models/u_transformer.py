@@ -72,9 +72,9 @@ class UShapedTransformer(Backbone):
         nn.init.zeros_(self.out_conv.bias)
         count_units(self)                            # depth-mup's L
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        cond, t_emb, y_emb, context = self.embed(t, labels)
+        cond, t_emb, y_emb, context = self.embed(t, condition)
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)            # (B, N, D)
         if self.cond_in is not None:
             patches = patches + self.cond_in(cond.vec)[:, None]

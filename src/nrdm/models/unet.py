@@ -137,9 +137,9 @@ class UNet(Backbone):
             return self.skip_scale[level](skip, index)
         return self.skip_scale(skip, index)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
-        cond, _, _, _ = self.embed(t, labels)                                # c: (B, 4*width)
+        cond, _, _, _ = self.embed(t, condition)                                # c: (B, 4*width)
         video = x.ndim == 5
         if video:
             B, C, F_, H, W = x.shape

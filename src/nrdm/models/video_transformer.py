@@ -70,10 +70,10 @@ class VideoTransformer(Backbone):
         seq = z.reshape(B * F, N, D)                                            # (B*F, N, D): one frame, all positions
         return self.run_block(block, seq, per_frame).view(B, F, N, D)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         self.check_input(x)
         B, C, F, H, W = x.shape
-        cond, _, _, _ = self.embed(t, labels)                                   # c: (B, D)
+        cond, _, _, _ = self.embed(t, condition)                                   # c: (B, D)
         frames = x.transpose(1, 2).reshape(B * F, C, H, W)                      # (B*F, C, H, W)
         z = self.patch_embed(frames).flatten(2).transpose(1, 2)                 # (B*F, N, D)
         N, D = z.shape[1:]
