@@ -232,3 +232,76 @@ def test_tracer_diagnostics_match_autograd():
     assert diag["update_ratio"][0] == pytest.approx(float(ratio), rel=1e-5)
     assert diag["alpha_mean"][1] == pytest.approx(float(alpha_mean), rel=1e-5)
     assert all(u.tracer is None for u in units)                 # detached on exit
+
+
+BACKBONE_KWARGS = {"DiT-T/2": dict(image_size=8, in_channels=1, num_classes=3),
+                   "U-ViT-T/2": dict(image_size=8, in_channels=1, num_classes=3),
+                   "UNet-T": dict(image_size=8, in_channels=1, num_classes=3),
+                   "Latte-T/2": dict(image_size=8, in_channels=1, num_classes=3, num_frames=2),
+                   "DiMR-T/2R": dict(image_size=8, in_channels=1, num_classes=3)}
+
+
+def _inputs(model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *model.sample_shape, generator=g)
+    return x, torch.tensor([10, 700]), torch.tensor([0, 2])
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONE_KWARGS))
+@pytest.mark.parametrize("variant", ["nrdm", "adaln-zero", "adaln", "scaled-skip"])
+def test_shared_gates_are_adaln_single(backbone, variant):
+    """gate_source "shared" (adaLN-single): one zero-initialised head per gate shape on the model's
+    conditioning embedder and a per-unit embedding. The model starts where the per-unit "cond"
+    model starts (the same weights elsewhere, raw gates 0), has exactly the per-unit heads'
+    parameters fewer (+ the shared heads and the embeddings), and each unit's gates are the shared
+    head's output plus its own embedding."""
+    from nrdm.models import build_model, count_parameters, gated_units
+    kwargs = BACKBONE_KWARGS[backbone]
+    torch.manual_seed(0)
+    per_unit = build_model(backbone, variant=variant, gate_source="cond", **kwargs).eval()
+    torch.manual_seed(0)
+    shared = build_model(backbone, variant=variant, gate_source="shared", **kwargs).eval()
+    for model in (per_unit, shared):          # the same random weights off the zero inits, gate parameters kept at 0
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".gates." not in name and "shared_gates" not in name:
+                    g = torch.Generator().manual_seed(sum(map(ord, name)))
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    x, t, y = _inputs(per_unit)
+    with torch.no_grad():
+        start = per_unit(x, t, y)
+        assert start.abs().mean() > 1e-3
+        torch.testing.assert_close(shared(x, t, y), start)
+    heads = [u.gates.head for u in gated_units(per_unit)]
+    removed = sum(h.weight.numel() + h.bias.numel() for h in heads)
+    shapes = shared.embed.shared_gates.shapes
+    added = sum((per_unit.embed.time.mlp[-1].out_features + 1) * n * w for n, w in shapes.values()) + \
+        sum(u.gates.embedding.numel() for u in gated_units(shared))
+    assert count_parameters(shared) == count_parameters(per_unit) - removed + added
+    assert count_parameters(shared) < count_parameters(per_unit)
+    unit = gated_units(shared)[-1]
+    with torch.no_grad():
+        for p in list(shared.embed.shared_gates.parameters()) + [unit.gates.embedding]:
+            p.normal_(0, 0.3)
+        cond = shared.embed(t, y)[0]
+        expected = shared.embed.shared_gates(cond.vec)[unit.gates.shape_key] + unit.gates.embedding
+        torch.testing.assert_close(unit.gates(cond), expected)
+        assert not torch.allclose(shared(x, t, y), per_unit(x, t, y))
+
+
+def test_shared_gates_learn_and_take_the_penalty():
+    """The shared heads and the per-unit embeddings get gradients from the loss and from the
+    sensitivity penalty (which evaluates units on a detached Conditioning that keeps the shared values)."""
+    from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss
+    from nrdm.models import build_model, gated_units
+    model = build_model("DiT-T/2", variant="nrdm", gate_source="shared", **BACKBONE_KWARGS["DiT-T/2"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    out = diffusion_loss(model, x0, y, VPSchedule(), LossConfig(gamma=1.0, penalty_units=2),
+                         generator=torch.Generator().manual_seed(0))
+    assert out.penalty is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(h.weight.grad.abs().sum() > 0 for h in model.embed.shared_gates.heads.values())
+    assert all(u.gates.embedding.grad.abs().sum() > 0 for u in gated_units(model))

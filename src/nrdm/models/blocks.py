@@ -32,6 +32,7 @@ class ConditionEmbedder(nn.Module):
         self.time = TimestepEmbedder(width, freq_shift=time_freq_shift)
         self.label = LabelEmbedder(num_classes, width) if num_classes > 0 and not text_dim else None
         self.text = TextEmbedder(text_dim, width, text_tokens) if text_dim else None
+        self.shared_gates = None        # SharedGateHeads, set by count_units for gate_source "shared"
 
     def forward(self, t: torch.Tensor, condition):
         t_emb = self.time(t)                                                     # (B, D)
@@ -48,7 +49,8 @@ class ConditionEmbedder(nn.Module):
             y_emb, context = self.text(condition)                                # (B, D), (B, L, D) or None
         vec = t_emb if y_emb is None else t_emb + y_emb
         tau = 2.0 * t.float() / self.num_timesteps - 1.0                         # (B,)
-        return Conditioning(vec, tau), t_emb, y_emb, context
+        shared = self.shared_gates(vec) if self.shared_gates is not None else None
+        return Conditioning(vec, tau, shared), t_emb, y_emb, context
 
 
 class TextEmbedder(nn.Module):

@@ -57,7 +57,7 @@ VARIANT_SLOTS: dict[str, tuple[tuple[str, str, float], ...]] = {
 VARIANTS = tuple(VARIANT_SLOTS)
 VARIANT_IDS = {0: "nrdm", 1: "adaln", 2: "scaled-skip", 3: "resnet", 4: "rezero"}
 GATE_INITS = ("auto", "zero", "one")
-GATE_SOURCES = ("cond", "tdp", "static")
+GATE_SOURCES = ("cond", "tdp", "static", "shared")
 GATE_SHAPES = ("channel", "scalar")
 MODULATING_VARIANTS = ("adaln", "adaln-zero")
 
@@ -74,6 +74,9 @@ class UnitConfig:
     variant:     one of VARIANTS (an int 0-4 is accepted for the paper's numbering)
     gate_init:   "auto" (the variant's own start value), "zero" or "one" for alpha / adaln-zero's gate
     gate_source: "cond"   per-unit zero-initialised linear head on SiLU(c)
+                 "shared" adaLN-single (PixArt-alpha): one zero-initialised head on SiLU(c) shared by
+                          all units of the same gate shape, plus a learned per-unit embedding
+                          (SharedGateHeads; far fewer parameters, the same identity at init)
                  "tdp"    DiMR time-dependent parameters: p(tau) = s p0 + (1 - s) p1,
                           s = sigmoid((1 + w') tau + b), tau = 2n/T - 1 (time only, no MLP)
                  "static" a learned constant (not conditioned)
@@ -120,7 +123,7 @@ class UnitConfig:
     def gates_see_condition(self) -> bool:
         """True when the full conditioning vector (time and class/text) reaches the units through
         their gates; otherwise the backbone must inject it into its input features."""
-        return bool(self.slots) and self.gate_source == "cond"
+        return bool(self.slots) and self.gate_source in ("cond", "shared")
 
     @property
     def norm_affine(self) -> bool:
@@ -133,15 +136,25 @@ class Conditioning(NamedTuple):
 
     vec: (B, D) conditioning vector c (time embedding, plus class or pooled text embedding)
     tau: (B,) diffusion time rescaled to [-1, 1] as tau = 2n/T - 1 (for gate_source="tdp")
+    shared: gate shape -> (B, n, W) raw gate values of the shared heads (gate_source="shared"), or None
     """
 
     vec: torch.Tensor
     tau: torch.Tensor
+    shared: dict | None = None
 
     def repeat_each(self, times: int) -> "Conditioning":
         """Each sample's conditioning `times` times in a row: for video backbones that fold the
         frames (or the spatial positions) of each clip into the batch axis."""
-        return Conditioning(self.vec.repeat_interleave(times, 0), self.tau.repeat_interleave(times, 0))
+        return Conditioning(self.vec.repeat_interleave(times, 0), self.tau.repeat_interleave(times, 0),
+                            self._map_shared(lambda v: v.repeat_interleave(times, 0)))
+
+    def detach(self, dtype=None) -> "Conditioning":
+        return Conditioning(self.vec.detach().to(dtype or self.vec.dtype), self.tau.detach(),
+                            self._map_shared(lambda v: v.detach().to(dtype or v.dtype)))
+
+    def _map_shared(self, fn):
+        return None if self.shared is None else {k: fn(v) for k, v in self.shared.items()}
 
 
 class GateGenerator(nn.Module):
@@ -152,8 +165,10 @@ class GateGenerator(nn.Module):
         super().__init__()
         self.source = source
         width = channels if shape == "channel" else 1
-        self.n_slots, self.width = n_slots, width
-        if source == "cond":
+        self.n_slots, self.width, self.cond_dim = n_slots, width, cond_dim
+        if source == "shared":          # the head is the model's (SharedGateHeads); this unit's own offset
+            self.embedding = nn.Parameter(torch.zeros(n_slots, width))
+        elif source == "cond":
             self.head = nn.Linear(cond_dim, n_slots * width)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -167,7 +182,16 @@ class GateGenerator(nn.Module):
         else:
             self.value = nn.Parameter(torch.zeros(n_slots, width))
 
+    @property
+    def shape_key(self) -> str:
+        return f"{self.n_slots}x{self.width}"
+
     def forward(self, cond: Conditioning) -> torch.Tensor:
+        if self.source == "shared":
+            if cond.shared is None:
+                raise ValueError("gate_source 'shared' needs the backbone's shared gate heads (count_units builds "
+                                 "them on model.embed); this Conditioning carries none")
+            return cond.shared[self.shape_key] + self.embedding                    # (B, n, W)
         if self.source == "cond":
             raw = self.head(nn.functional.silu(cond.vec))                         # (B, n*W)
             return raw.view(-1, self.n_slots, self.width)                          # (B, n, W)
@@ -264,7 +288,7 @@ class GatedResidual(nn.Module):
         squared small JVP entries is what half precision rounds worst.
         """
         dtype = next(self.parameters()).dtype
-        cond = Conditioning(cond.vec.detach().to(dtype), cond.tau.detach())
+        cond = cond.detach(dtype)
         z, probe = z.detach().to(dtype).contiguous(), probe.to(dtype).contiguous()
         with torch.autocast(z.device.type, enabled=False), explicit_attention():
             g = self.gate_values(cond, z.ndim)
@@ -282,12 +306,39 @@ def gated_units(model: nn.Module) -> list[GatedResidual]:
     return [m for m in model.modules() if isinstance(m, GatedResidual)]
 
 
+class SharedGateHeads(nn.Module):
+    """adaLN-single (Chen et al. 2023, PixArt-alpha) for every variant: one linear head on SiLU(c)
+    per gate shape (slots x width), shared by all units of that shape and zero-initialised; each
+    unit adds its own learned embedding (GateGenerator source "shared"). Run once per forward by
+    the conditioning embedder; its values travel in Conditioning.shared."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], cond_dim: int):
+        super().__init__()
+        self.shapes = shapes
+        self.heads = nn.ModuleDict({key: nn.Linear(cond_dim, n * w) for key, (n, w) in shapes.items()})
+        for head in self.heads.values():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = nn.functional.silu(vec)
+        return {key: head(h).view(-1, *self.shapes[key]) for key, head in self.heads.items()}   # (B, n, W)
+
+
 def count_units(model: nn.Module) -> None:
-    """Tell every unit how many gated units the model holds; each backbone calls this at the end
-    of its constructor (depth-muP scales every branch by 1/sqrt(L))."""
+    """Tell every unit how many gated units the model holds (depth-muP scales every branch by
+    1/sqrt(L)) and, for gate_source "shared", give the model's conditioning embedder
+    (`model.embed`) the shared gate heads. Each backbone calls this at the end of its constructor."""
     units = gated_units(model)
     for unit in units:
         unit.set_model_units(len(units))
+    shared = [u.gates for u in units if u.gates is not None and u.gates.source == "shared"]
+    if shared:
+        if not hasattr(getattr(model, "embed", None), "shared_gates"):
+            raise ValueError(f"gate_source 'shared' needs a backbone with a conditioning embedder; "
+                             f"{type(model).__name__} has none")
+        model.embed.shared_gates = SharedGateHeads({g.shape_key: (g.n_slots, g.width) for g in shared},
+                                                   shared[0].cond_dim)
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
