@@ -1,5 +1,5 @@
 """Training-step time of each residual variant relative to `resnet` at equal width/depth, plus the
-cost of the sensitivity penalty, measured round-robin in one run (the machine is noisy: only the
+cost of the sensitivity penalty and of shared gate heads (gate_source shared), measured round-robin in one run (the machine is noisy: only the
 ratios mean something).
 
     python benchmarks/variant_step_time.py [--backbone flow] [--width 128] [--depth 6] [--batch 32]
@@ -33,16 +33,18 @@ def main():
                  image_size=args.image_size, in_channels=args.channels, num_classes=10)
     if args.backbone != "unet":
         shape["patch_size"] = args.patch
-    configs = {v: (v, LossConfig()) for v in VARIANTS}
-    configs["nrdm gamma>0 (1 unit)"] = ("nrdm", LossConfig(gamma=0.01, penalty_units=1))
-    configs["nrdm gamma>0 (4 units)"] = ("nrdm", LossConfig(gamma=0.01, penalty_units=4))
+    configs = {v: (v, LossConfig(), "cond") for v in VARIANTS}
+    configs["nrdm gamma>0 (1 unit)"] = ("nrdm", LossConfig(gamma=0.01, penalty_units=1), "cond")
+    configs["nrdm gamma>0 (4 units)"] = ("nrdm", LossConfig(gamma=0.01, penalty_units=4), "cond")
+    configs["nrdm shared gates"] = ("nrdm", LossConfig(), "shared")            # adaLN-single
+    configs["adaln-zero shared gates"] = ("adaln-zero", LossConfig(), "shared")
     schedule = VPSchedule()
     x0 = torch.randn(args.batch, args.channels, args.image_size, args.image_size)
     labels = torch.randint(0, 10, (args.batch,))
 
     setups = {}
-    for name, (variant, loss_cfg) in configs.items():
-        model = build_model(variant=variant, **shape)
+    for name, (variant, loss_cfg, gate_source) in configs.items():
+        model = build_model(variant=variant, gate_source=gate_source, **shape)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         setups[name] = (model, opt, loss_cfg)
 
