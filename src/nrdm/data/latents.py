@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from nrdm.data.registry import batches
+
 MANIFEST = "manifest.json"
 FORMAT = "nrdm-latent-shards-1"
 
@@ -78,15 +80,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _pixel_batches(pixels, lo: int, hi: int, batch_size: int, num_workers: int):
     """(indices, images, labels) of items [lo, hi) in batches: one gather for in-memory data, a
     DataLoader with workers for files."""
-    if hasattr(pixels, "batch"):
-        for start in range(lo, hi, batch_size):
-            idx = torch.arange(start, min(start + batch_size, hi))
-            yield (idx, *pixels.batch(idx))
-        return
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(pixels, range(lo, hi)), batch_size=batch_size,
-                                         num_workers=num_workers, shuffle=False)
     start = lo
-    for images, labels in loader:
+    for images, labels in batches(pixels, torch.arange(lo, hi), batch_size, num_workers):
         idx = torch.arange(start, start + len(images))
         start += len(images)
         yield idx, images, labels

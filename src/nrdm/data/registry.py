@@ -107,12 +107,22 @@ def data_shape(data) -> tuple[int, int, int]:
     return channels, data.image_size, num_classes
 
 
-def materialise(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """(all images, all labels) of a dataset as tensors: one gather for in-memory data, else item by item."""
+def batches(dataset, indices, batch_size: int = 256, num_workers: int = 0):
+    """(images, labels) of dataset[indices], batch by batch: one gather per batch for in-memory
+    data, a DataLoader with `num_workers` workers for data read from files."""
+    indices = torch.as_tensor(indices, dtype=torch.long)
     if hasattr(dataset, "batch"):
-        return dataset.batch(torch.arange(len(dataset)))
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+        for start in range(0, len(indices), batch_size):
+            yield dataset.batch(indices[start:start + batch_size])
+        return
+    yield from torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size,
+                                           num_workers=num_workers, shuffle=False)
+
+
+def materialise(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all images, all labels) of a dataset as tensors."""
+    parts = list(batches(dataset, torch.arange(len(dataset)), batch_size=max(len(dataset), 1)))
+    return torch.cat([x for x, _ in parts]), torch.cat([torch.as_tensor(y) for _, y in parts])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import nrdm
 from nrdm.metrics.distances import (GaussianStats, RunningStats, frechet_distance, inception_score,
                                     kernel_inception_distance, precision_recall)
-from nrdm.data.registry import build_dataset, dataset_spec, held_out_split, pixel_config
+from nrdm.data.registry import batches, build_dataset, dataset_spec, held_out_split, pixel_config
 from nrdm.metrics.features import TorchScriptI3D, TorchScriptInception, domain_network
 from nrdm.utils.cache import cache_dir
 from nrdm.sampling import sample_conditions
@@ -92,15 +92,10 @@ def reference_features(data_cfg, split: str, net, max_n: int = 10_000, progress:
     dataset = build_dataset(pixel_config(data_cfg, split=split, hflip=False, captions=False))
     n = min(max_n, len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
-    if hasattr(dataset, "batch"):
-        images, labels = dataset.batch(order)
-        feats = extract(net, images, progress=progress)
-    else:                                   # image files: read by workers, batch by batch
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=256,
-                                             num_workers=data_cfg.num_workers)
-        labels = []
-        feats = stream_features(net, (labels.append(y) or x for x, y in loader), progress, total=len(loader))
-        labels = torch.cat(labels)
+    labels = []
+    feats = stream_features(net, (labels.append(y) or x for x, y in batches(dataset, order, 256, data_cfg.num_workers)),
+                            progress, total=-(-n // 256))
+    labels = torch.cat(labels)
     feats["labels"] = labels.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
