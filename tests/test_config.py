@@ -113,6 +113,8 @@ def test_switching_backbone_needs_no_nulling_of_the_others_options():
     with pytest.warns(UserWarning, match="model.channel_mult=\\[1, 2, 2\\] is not an option of backbone 'flow'"):
         model = build_model_from_config(cfg)
     assert type(model).__name__ == "FlowTransformer" and "channel_mult" not in model.build_args
+    with pytest.raises(ValueError, match="model.size 'UNet-T' is a unet size but model.backbone is 'flow': unset"):
+        build_model_from_config(load_config("digits", ["model.backbone=flow"]))
     with pytest.raises(ValueError, match="unknown option\\(s\\) \\['channel_mult'\\] for backbone 'flow'"):
         from nrdm.models import build_model
         build_model(backbone="flow", channel_mult=(1, 2), image_size=8, in_channels=1)

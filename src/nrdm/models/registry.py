@@ -105,6 +105,10 @@ def build_model(size: str | None = None, **kwargs) -> nn.Module:
         if size not in MODEL_SIZES:
             raise ValueError(f"unknown model size {size!r}; allowed: {', '.join(MODEL_SIZES)}")
         spec.update(MODEL_SIZES[size])
+        sized = MODEL_SIZES[size].get("backbone")
+        if kwargs.get("backbone") not in (None, sized):
+            raise ValueError(f"model.size {size!r} is a {sized} size but model.backbone is {kwargs['backbone']!r}: "
+                             f"unset the size (model.size=null) or choose a {kwargs['backbone']} size")
     spec.update(kwargs)
     backbone = spec.pop("backbone", None)
     if backbone not in BACKBONES:
