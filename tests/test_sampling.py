@@ -226,3 +226,17 @@ def test_a_run_copied_without_its_data_samples_and_evaluates(tmp_path, tiny_over
     assert cli_main(["info", str(run), "--no-flops"]) == 0 and (ckpt / "model.json").is_file()
     shutil.rmtree(tmp_path / "data")
     assert cli_main(grid) == 0
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    import nrdm.utils.hardware as hardware
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.warns(UserWarning, match="train.precision=bf16 on a CPU without native bf16"):
+        hardware.warn_if_slow_bf16("cpu", "bf16", "train.precision")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hardware.warn_if_slow_bf16("cpu", "bf16", "train.precision")            # native: no warning
+        hardware.warn_if_slow_bf16("cpu", "fp32", "train.precision")

@@ -13,6 +13,7 @@ from nrdm.data.registry import dataset_spec
 from nrdm.diffusion import VPSchedule, eps_predictor, sample
 from nrdm.models.blocks import unwrap
 from nrdm.models.caching import feature_cache
+from nrdm.utils.hardware import warn_if_slow_bf16
 from nrdm.models.conditions import take
 
 
@@ -122,6 +123,7 @@ def generate_chunks(model: nn.Module, schedule: VPSchedule, n: int, labels, sett
     options["variance"] = resolve_variance(model, options.get("variance", "auto"))
     with_variance = s.sampler == "ddpm" and options["variance"] == "learned"
     precision, compiled = options.pop("precision", "fp32"), options.pop("compile", False)
+    warn_if_slow_bf16(device, precision, "sample.precision")
     network = torch.compile(model) if compiled else model                 # the module's attributes pass through
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if dtype else contextlib.nullcontext

@@ -43,6 +43,7 @@ from nrdm.training.divergence import DivergenceMonitor
 from nrdm.training.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from nrdm.training.ema import EMA
 from nrdm.training.trackers import build_trackers
+from nrdm.utils.hardware import warn_if_slow_bf16
 
 # config keys that may change when a run is resumed: the budget, logging and sampling, and what
 # changes how, not what, is computed (compilation, activation recomputation, the device, where
@@ -269,6 +270,7 @@ def _setup(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
     validate(cfg)
     env = env or init_distributed(cfg.train.device)
     tc = cfg.train
+    warn_if_slow_bf16(env.device, tc.precision, "train.precision")
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise ValueError(f"{out} already holds checkpoints (latest {ckpt.name}); pass --resume to continue "
