@@ -197,6 +197,7 @@ class Run:
     loss_cfg: object
     condition: object                   # labels of a batch -> the model's condition (factory.training_condition)
     prompts: list[str] | None           # sample-grid prompts of a caption-file model
+    timestep_density: torch.Tensor | None = None   # training distribution of the steps (None: uniform)
     start_step: int = 0
     bad_steps: int = 0
     last_loss: float = float("nan")
@@ -328,6 +329,7 @@ def _setup(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         if run.monitor is not None and state.get("divergence"):
             run.monitor.load_state_dict(state["divergence"])
         run.start_step, run.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+    run.timestep_density = run.loss_cfg.timestep_density(run.schedule)     # once, not per step
     run.log.truncate_after(run.start_step)
     if env.is_main and run.start_step == 0:
         run.log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
@@ -342,7 +344,7 @@ def _train_step(run: Run, step: int, diagnostics: bool) -> StepResult:
     generator = torch.Generator().manual_seed(_step_seed(tc.seed, step, 0))
     torch.manual_seed(_step_seed(tc.seed, step, 1 + env.rank))
     draws = NoiseDraws.sample((tc.batch_size, *run.model.sample_shape), run.schedule.num_timesteps,
-                              run.loss_cfg.label_drop, generator, density=run.loss_cfg.timestep_density(run.schedule))
+                              run.loss_cfg.label_drop, generator, density=run.timestep_density)
     draws = draws.slice(env.rank * stream.per_rank, (env.rank + 1) * stream.per_rank)
     run.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros(3, device=env.device)           # loss, mse, penalty (this rank)
