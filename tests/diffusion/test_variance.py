@@ -165,7 +165,10 @@ def test_a_learned_sigma_run_trains_with_the_hybrid_loss_and_samples_with_its_va
     flow = ["model.size=null", "model.backbone=flow",
             "model.width=16", "model.depth=1", "model.heads=2", "model.patch_size=2", "model.learn_sigma=true",
             "model.variant=adaln-zero", "diffusion.vlb_weight=1.0", "train.steps=4"]
-    train(load_config("digits", tiny_overrides + flow), tmp_path / "run", progress=False)
+    from nrdm.factory import build_loss_config
+    cfg = load_config("digits", tiny_overrides + flow)
+    assert build_loss_config(cfg).vlb_weight == 1.0                  # the config key reaches the loss
+    train(cfg, tmp_path / "run", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert losses and all(math.isfinite(v) for v in losses)
