@@ -34,6 +34,8 @@ case "${1:-all}" in
     nrdm lab image --out "$OUT/converged" --preset digits --depths 6 --variants "${HEADLINE[@]}" --steps 1000 "${CONVERGED[@]}" "${SEEDS[@]}"
     nrdm lab image --out "$OUT/converged" --preset digits --depths 6 --variants "${OTHERS[@]}" --steps 1000 "${CONVERGED[@]}" --seeds 0 ;;
   flow)
+    # the headline forms first (9 cells, ~6 CPU-h), then the other four at depth 6
+    nrdm lab image --out "$OUT/converged" --preset digits-flow --depths 6 --variants "${HEADLINE[@]}" resnet --steps 1500 "${CONVERGED[@]}" "${SEEDS[@]}"
     nrdm lab image --out "$OUT/converged" --preset digits-flow --depths 6 --variants "${ALL[@]}" --steps 1500 "${CONVERGED[@]}" "${SEEDS[@]}"
     nrdm lab image --out "$OUT/converged" --preset digits-flow --depths 12 --variants "${HEADLINE[@]}" --steps 1500 "${CONVERGED[@]}" "${SEEDS[@]}"
     nrdm lab image --out "$OUT/converged" --preset digits-flow --depths 12 --variants "${OTHERS[@]}" --steps 1500 "${CONVERGED[@]}" --seeds 0 ;;
