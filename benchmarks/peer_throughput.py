@@ -7,6 +7,9 @@ and noisy, so only the ratios mean something). Needs diffusers (the `[latent]` e
 
 Columns: step time ratio = diffusers' step time / ours (> 1: we are faster); GFLOP/s = 3 x forward
 FLOPs (torch.utils.flop_counter) / step time; peak = a 2048^2 matmul in the same precision.
+The "gelu" rows use the exact GELU (`model.activation: gelu`) where DiT and the other rows use its tanh
+approximation: a different (equally standard) function, timed because ATen's tanh form is the slower
+kernel on CPUs.
 """
 import argparse
 import statistics
@@ -33,10 +36,11 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def ours(shape, variant):
+def ours(shape, variant, activation="gelu-tanh"):
     width, depth, heads, patch, channels, size, _ = shape
     return build_model(backbone="flow", width=width, depth=depth, heads=heads, patch_size=patch, in_channels=channels,
-                       image_size=size, num_classes=CLASSES, variant=variant, embeddings="diffusers")
+                       image_size=size, num_classes=CLASSES, variant=variant, embeddings="diffusers",
+                       activation=activation)
 
 
 def theirs(shape):
@@ -79,7 +83,7 @@ def main():
     peaks = {p: gemm_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     print("GEMM peak (2048^2 matmul): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items())
           + f"; {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'shape':<8} {'precision':<9} {'model':<18} {'params':>10} {'s/step':>8} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"{'shape':<8} {'precision':<9} {'model':<20} {'params':>10} {'s/step':>8} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}")
     for name in args.shapes:
         shape = SHAPES[name]
         width, depth, heads, patch, channels, size, batch = shape
@@ -88,7 +92,8 @@ def main():
         y = torch.randint(0, CLASSES, (batch,))
         target = torch.randn_like(x)
         models = {"diffusers DiT": theirs(shape), "ours adaln-zero": ours(shape, "adaln-zero"),
-                  "ours nrdm": ours(shape, "nrdm")}
+                  "ours nrdm": ours(shape, "nrdm"), "ours adaln-zero gelu": ours(shape, "adaln-zero", "gelu"),
+                  "ours nrdm gelu": ours(shape, "nrdm", "gelu")}
         flops = {k: 3 * forward_flops(m, x, t, y) for k, m in models.items()}
         for precision in precisions:
             setups = {k: (m, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()}
@@ -113,7 +118,7 @@ def main():
             for k, (model, _) in setups.items():
                 med = statistics.median(times[k])
                 gflops = flops[k] / med / 1e9
-                print(f"{name:<8} {precision:<9} {k:<18} {sum(p.numel() for p in model.parameters()):>10,} "
+                print(f"{name:<8} {precision:<9} {k:<20} {sum(p.numel() for p in model.parameters()):>10,} "
                       f"{med:>8.4f} {reference / med:>6.2f} {gflops:>8.1f} {100 * gflops / peaks[precision]:>6.1f}%")
 
 

@@ -45,6 +45,7 @@ class ModelConfig:
     first_branch: str | None = None         # multires: transformer | convnext (the paper's ablation)
     learn_sigma: bool | None = None         # flow: 2C outputs, prediction + variance interpolation (DiT's)
     embeddings: str | None = None           # flow: nrdm | dit | diffusers (position/timestep tables; DiT imports)
+    activation: str | None = None           # transformers: gelu-tanh (DiT's, default) | gelu (exact; faster on CPUs)
     variant: str = "nrdm"                   # nrdm | adaln | scaled-skip | resnet | rezero | adaln-zero
     gate_init: str = "auto"
     gate_source: str = "cond"

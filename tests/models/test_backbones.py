@@ -299,3 +299,36 @@ def test_class_is_as_visible_as_time_in_the_conditioning_at_init(size):
     over_time = model.embed.time(t).std(0).mean()
     over_class = model.embed.label(torch.arange(10)).std(0).mean()
     assert over_class >= over_time
+
+
+@pytest.mark.parametrize("backbone", ["flow", "u-transformer", "video", "multires"])
+def test_activation_option_reaches_every_mlp_and_keeps_the_weights(backbone):
+    """activation="gelu" (exact erf GELU) changes only the MLPs' nonlinearity: the same parameters,
+    outputs within GELU's tanh-approximation error, and every MLP computes fc2(gelu(fc1(x)))."""
+    from nrdm.models.layers import GatedMlp, Mlp
+    tanh_model, exact_model = tiny(backbone), tiny(backbone, activation="gelu")
+    with torch.no_grad():                                   # non-zero gates and heads: every branch counts
+        for p in tanh_model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    exact_model.load_state_dict(tanh_model.state_dict())
+    x, t, labels = inputs(tanh_model)
+    with torch.no_grad():
+        difference = (tanh_model(x, t, labels) - exact_model(x, t, labels)).abs().max().item()
+    assert 0 < difference < 0.05
+    mlps = [m for m in exact_model.modules() if isinstance(m, (Mlp, GatedMlp))]
+    assert mlps
+    h = torch.randn(5, mlps[0].fc1.in_features)
+    a = mlps[0].fc1(h)
+    expected = (mlps[0].fc2(torch.nn.functional.gelu(a)) if isinstance(mlps[0], Mlp) else
+                mlps[0].fc2(torch.nn.functional.gelu(a.chunk(2, -1)[0]) * a.chunk(2, -1)[1]))
+    torch.testing.assert_close(mlps[0](h), expected, rtol=0, atol=0)
+
+
+def test_activation_config_key_and_bad_value():
+    from nrdm.config import load_config
+    from nrdm.factory import build_model_from_config
+    from nrdm.models.layers import Mlp
+    model = build_model_from_config(load_config("digits-flow", ["model.activation=gelu", "model.depth=1"]))
+    assert all(m.act is torch.nn.functional.gelu for m in model.modules() if isinstance(m, Mlp))
+    with pytest.raises(ValueError, match=r"unknown activation 'relu'; allowed: gelu-tanh, gelu"):
+        build_model("DiT-T/2", activation="relu")

@@ -127,15 +127,16 @@ def layer_norm(width: int):
 
 class TransformerBlock(nn.Module):
     """Two gated residual units: z -> unit(mixer) -> unit(MLP). The mixer is self-attention over the
-    token axis (default) or any module on (..., C) features; mlp = "gelu" (ViT/DiT) or "geglu"."""
+    token axis (default) or any module on (..., C) features; mlp = "gelu" (ViT/DiT) or "geglu";
+    activation: the MLP's GELU, "gelu-tanh" (DiT's) or "gelu" (exact; faster on CPUs)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, cond_dim: int, unit: UnitConfig,
-                 mixer: nn.Module | None = None, mlp: str = "gelu"):
+                 mixer: nn.Module | None = None, mlp: str = "gelu", activation: str = "gelu-tanh"):
         super().__init__()
         mixer = Attention(width, heads) if mixer is None else mixer
         if mlp not in MLPS:
             raise ValueError(f"unknown mlp {mlp!r}; allowed: {', '.join(MLPS)}")
-        body = MLPS[mlp](width, mlp_ratio)
+        body = MLPS[mlp](width, mlp_ratio, activation)
         self.attn = GatedResidual(mixer, width, cond_dim, unit, layer_norm(width))
         self.mlp = GatedResidual(body, width, cond_dim, unit, layer_norm(width))
 

@@ -59,7 +59,8 @@ class Branch(nn.Module):
 
     def __init__(self, in_channels: int, stride: int, grid: int, width: int, depth: int, heads: int,
                  mlp_ratio: float, kernel_size: int, cond_dim: int, unit: UnitConfig, tokens: bool,
-                 input_conditioning: bool, below: tuple[int, int], feed: str, cross_skips: bool):
+                 input_conditioning: bool, below: tuple[int, int], feed: str, cross_skips: bool,
+                 activation: str = "gelu-tanh"):
         super().__init__()
         self.tokens, self.depth = tokens, depth
         self.n_side = (depth - 1) // 2
@@ -77,7 +78,8 @@ class Branch(nn.Module):
 
         def block():
             mixer = None if tokens else DepthwiseConv(width, kernel_size)
-            return TransformerBlock(width, heads, mlp_ratio, cond_dim, unit, mixer=mixer, mlp="geglu")
+            return TransformerBlock(width, heads, mlp_ratio, cond_dim, unit, mixer=mixer, mlp="geglu",
+                                    activation=activation)
 
         self.blocks = nn.ModuleList(block() for _ in range(depth))
         self.skip_fuse = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(self.n_side))
@@ -139,6 +141,7 @@ class MultiResolution(Backbone):
     tokens; as U-ViT) and, for variants with conditioned gates, every unit through its gates; the
     ConvNeXt branches of variants whose gates do not see c get Linear(c) added to their input
     features (input_conditioning "auto"; "on" adds it to every branch, "off" to none).
+    activation: the GEGLU MLPs' GELU, as in FlowTransformer.
     """
 
     partial_forward = True          # the coarse branches' heads act only with all_branches=True
@@ -147,7 +150,7 @@ class MultiResolution(Backbone):
                  depth: int = 39, heads: int = 16, mlp_ratio: float = 2.0, branch_widths=(480,),
                  branch_depths=(21,), kernel_size: int = 7, branch_feed: str = "add", cross_skips: bool = False,
                  first_branch: str = "transformer", num_classes: int = 0, unit: UnitConfig | str = "adaln", input_conditioning: str = "auto",
-                 num_timesteps: int = 1000, text_dim: int = 0, text_tokens: int = 0):
+                 num_timesteps: int = 1000, text_dim: int = 0, text_tokens: int = 0, activation: str = "gelu-tanh"):
         super().__init__()
         branch_widths, branch_depths = tuple(branch_widths), tuple(branch_depths)
         n_branches = 1 + len(branch_widths)
@@ -178,7 +181,7 @@ class MultiResolution(Backbone):
             branch = Branch(in_channels, stride, image_size // stride, w, d, heads if tokens else 1, mlp_ratio,
                             kernel_size, width, self.unit, tokens=tokens,
                             input_conditioning=input_conditioning == "on" if tokens else conv_conditioning,
-                            below=below, feed=branch_feed, cross_skips=cross_skips)
+                            below=below, feed=branch_feed, cross_skips=cross_skips, activation=activation)
             branches.append(branch)
             below = (w, branch.n_maps)
         self.branches = nn.ModuleList(branches)

@@ -20,14 +20,14 @@ class UShapedTransformer(Backbone):
     U-ViT, and additionally through the gates of the variants that have conditioned gates.
     skip_scaling: "none" | "constant" (kappa^(i-1), i = 1 outermost) | "learned" (shared SE gate).
     input_conditioning "on" additionally adds Linear(c) to the patch tokens ("auto" = off here,
-    because the condition tokens already reach every variant).
+    because the condition tokens already reach every variant). activation as in FlowTransformer.
     """
 
     def __init__(self, image_size: int = 32, in_channels: int = 4, patch_size: int = 2, width: int = 512,
                  depth: int = 13, heads: int = 8, mlp_ratio: float = 4.0, num_classes: int = 0,
                  unit: UnitConfig | str = "nrdm", skip_scaling: str = "none", skip_kappa: float = 0.5,
                  input_conditioning: str = "auto", num_timesteps: int = 1000, text_dim: int = 0,
-                 text_tokens: int = 0):
+                 text_tokens: int = 0, activation: str = "gelu-tanh"):
         super().__init__()
         check_patch(image_size, patch_size)
         check_heads(width, heads)
@@ -52,7 +52,7 @@ class UShapedTransformer(Backbone):
         self.cond_in = nn.Linear(width, width) if wants else None
 
         def block():
-            return TransformerBlock(width, heads, mlp_ratio, width, self.unit)
+            return TransformerBlock(width, heads, mlp_ratio, width, self.unit, activation=activation)
 
         self.in_blocks = nn.ModuleList(block() for _ in range(n_side))
         self.mid_blocks = nn.ModuleList(block() for _ in range(depth - 2 * n_side))

@@ -22,13 +22,13 @@ class VideoTransformer(Backbone):
     depth: total number of transformer blocks; block 0, 2, 4, ... are spatial and 1, 3, 5, ...
     temporal (each block = 2 gated units). Fixed sin-cos position embeddings: 2-D over the patch
     grid (shared by all frames) plus 1-D over frames, both added at the input.
-    input_conditioning as in FlowTransformer. num_classes = 0 -> unconditional.
+    input_conditioning and activation as in FlowTransformer. num_classes = 0 -> unconditional.
     """
 
     def __init__(self, image_size: int = 32, num_frames: int = 16, in_channels: int = 4, patch_size: int = 2,
                  width: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0,
                  unit: UnitConfig | str = "nrdm", input_conditioning: str = "auto", num_timesteps: int = 1000,
-                 text_dim: int = 0):
+                 text_dim: int = 0, activation: str = "gelu-tanh"):
         super().__init__()
         check_patch(image_size, patch_size)
         check_heads(width, heads)
@@ -46,7 +46,8 @@ class VideoTransformer(Backbone):
         self.register_buffer("time_embed", sinusoidal_embedding(frame_index, width)[None, :, None], persistent=False)
         self.embed = ConditionEmbedder(width, num_classes, num_timesteps, text_dim)
         self.cond_in = nn.Linear(width, width) if wants_input_conditioning(input_conditioning, self.unit) else None
-        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, width, self.unit) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, width, self.unit, activation=activation)
+                                    for _ in range(depth))
         self.final = FinalLayer(width, patch_size * patch_size * in_channels)
         count_units(self)                            # depth-mup's L
 
