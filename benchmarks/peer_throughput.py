@@ -1,9 +1,10 @@
 """Training-step time of our flow-shaped model against diffusers' DiTTransformer2DModel at equal shape
-(width, depth, patch, heads, classes), fp32 and bf16 autocast, with achieved GFLOP/s against this
+(width, depth, patch, heads, classes), and of our conv U-Net (the digits preset, also channels-last)
+against diffusers' UNet2DModel at equal parameters, fp32 and bf16 autocast, with achieved GFLOP/s against this
 machine's GEMM peak, all measured in one run (interleaved rounds, median step; the machine is shared
 and noisy, so only the ratios mean something). Needs diffusers (the `[latent]` extra).
 
-    python benchmarks/peer_throughput.py [--rounds 5] [--steps 3] [--shapes small medium dit-s2]
+    python benchmarks/peer_throughput.py [--rounds 5] [--steps 3] [--shapes small medium dit-s2 unet]
 
 Columns: step time ratio = diffusers' step time / ours (> 1: we are faster); GFLOP/s = 3 x forward
 FLOPs (torch.utils.flop_counter) / step time; peak = a 2048^2 matmul in the same precision.
@@ -67,9 +68,70 @@ def forward_flops(model, x, t, y) -> int:
     return counter.get_total_flops()
 
 
+def their_unet():
+    """diffusers' UNet2DModel at the digits preset's shape and equal parameters (1.371M against our
+    1.380M): three levels (32, 48, 64 channels), 2 res blocks each, attention at the lowest level."""
+    import diffusers
+    model = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 48, 64),
+                                  layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                                  num_class_embeds=CLASSES + 1, norm_num_groups=8, attention_head_dim=8)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, t, y):
+            return self.model(x, t, class_labels=y).sample
+
+    return Wrapped()
+
+
+def our_unet(variant, channels_last=False):
+    from nrdm.config import load_config
+    from nrdm.factory import build_model_from_config
+    model = build_model_from_config(load_config("digits", [f"model.variant={variant}"]))
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def time_steps(models: dict, x, t, y, precision: str, rounds: int, steps: int) -> dict:
+    """Median seconds per AdamW training step of each model, in interleaved rounds."""
+    target = torch.randn_like(x)
+    setups = {k: (m, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()}
+
+    def step(model, opt, inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = (model(inputs, t, y).float() - target).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # a channels-last model gets channels-last input (the layout it would get from its data loader)
+    inputs = {k: x.contiguous(memory_format=torch.channels_last) if k.endswith("channels-last") else x for k in models}
+    times = {k: [] for k in setups}
+    for k, (model, opt) in setups.items():           # warm-up
+        step(model, opt, inputs[k])
+    for _ in range(rounds):
+        for k, (model, opt) in setups.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(model, opt, inputs[k])
+            times[k].append((time.perf_counter() - start) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report(name, precision, models, seconds, flops, peak, reference):
+    for k, model in models.items():
+        gflops = flops[k] / seconds[k] / 1e9
+        print(f"{name:<8} {precision:<9} {k:<24} {sum(p.numel() for p in model.parameters()):>10,} "
+              f"{seconds[k]:>8.4f} {seconds[reference] / seconds[k]:>6.2f} {gflops:>8.1f} {100 * gflops / peak:>6.1f}%")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=[*SHAPES, "unet"], choices=[*SHAPES, "unet"],
+                        help="unet: the digits preset's conv U-Net against diffusers' UNet2DModel")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -83,43 +145,27 @@ def main():
     peaks = {p: gemm_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
     print("GEMM peak (2048^2 matmul): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items())
           + f"; {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'shape':<8} {'precision':<9} {'model':<20} {'params':>10} {'s/step':>8} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"{'shape':<8} {'precision':<9} {'model':<24} {'params':>10} {'s/step':>8} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}")
     for name in args.shapes:
-        shape = SHAPES[name]
-        width, depth, heads, patch, channels, size, batch = shape
+        if name == "unet":
+            batch, size, channels = 64, 16, 1
+            models = {"diffusers UNet2DModel": their_unet(), "ours adaln-zero": our_unet("adaln-zero"),
+                      "ours nrdm": our_unet("nrdm"), "ours nrdm channels-last": our_unet("nrdm", channels_last=True)}
+            reference = "diffusers UNet2DModel"
+        else:
+            width, depth, heads, patch, channels, size, batch = SHAPES[name]
+            shape = SHAPES[name]
+            models = {"diffusers DiT": theirs(shape), "ours adaln-zero": ours(shape, "adaln-zero"),
+                      "ours nrdm": ours(shape, "nrdm"), "ours adaln-zero gelu": ours(shape, "adaln-zero", "gelu"),
+                      "ours nrdm gelu": ours(shape, "nrdm", "gelu")}
+            reference = "diffusers DiT"
         x = torch.randn(batch, channels, size, size)
         t = torch.randint(0, 1000, (batch,))
         y = torch.randint(0, CLASSES, (batch,))
-        target = torch.randn_like(x)
-        models = {"diffusers DiT": theirs(shape), "ours adaln-zero": ours(shape, "adaln-zero"),
-                  "ours nrdm": ours(shape, "nrdm"), "ours adaln-zero gelu": ours(shape, "adaln-zero", "gelu"),
-                  "ours nrdm gelu": ours(shape, "nrdm", "gelu")}
         flops = {k: 3 * forward_flops(m, x, t, y) for k, m in models.items()}
         for precision in precisions:
-            setups = {k: (m, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()}
-
-            def step(model, opt):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = (model(x, t, y).float() - target).pow(2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            times = {k: [] for k in setups}
-            for model, opt in setups.values():           # warm-up
-                step(model, opt)
-            for _ in range(args.rounds):
-                for k, (model, opt) in setups.items():
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        step(model, opt)
-                    times[k].append((time.perf_counter() - start) / args.steps)
-            reference = statistics.median(times["diffusers DiT"])
-            for k, (model, _) in setups.items():
-                med = statistics.median(times[k])
-                gflops = flops[k] / med / 1e9
-                print(f"{name:<8} {precision:<9} {k:<20} {sum(p.numel() for p in model.parameters()):>10,} "
-                      f"{med:>8.4f} {reference / med:>6.2f} {gflops:>8.1f} {100 * gflops / peaks[precision]:>6.1f}%")
+            seconds = time_steps(models, x, t, y, precision, args.rounds, args.steps)
+            report(name, precision, models, seconds, flops, peaks[precision], reference)
 
 
 if __name__ == "__main__":
