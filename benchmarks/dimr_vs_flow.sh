@@ -12,7 +12,10 @@ FLOW_STEPS=${FLOW_STEPS:-1500}
 DIMR_STEPS=${DIMR_STEPS:-1000}          # a DiMR step took 1.53x a flow step (2 cores, fp32, batch 64)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 COMMON=(--backbones preset --gammas 0 --eval-n 500 --eval-points 4 --no-progress --shard "$SHARD")
-nrdm lab image --out "$OUT/compare" --preset digits-flow --depths 6 --variants nrdm --seeds 0 1 2 --steps "$FLOW_STEPS" "${COMMON[@]}"
+# the flow arm is the depth study's digits-flow nrdm cells (the same preset, steps and evaluation):
+# with FLOW_OUT pointing at that study's converged grid, finished cells are not trained again
+FLOW_OUT=${FLOW_OUT:-runs/depth-study/converged}
+nrdm lab image --out "$FLOW_OUT" --preset digits-flow --depths 6 --variants nrdm --seeds 0 1 2 --steps "$FLOW_STEPS" "${COMMON[@]}"
 nrdm lab image --out "$OUT/compare" --preset digits-dimr --depths 5 --variants nrdm --seeds 0 1 2 --steps "$DIMR_STEPS" "${COMMON[@]}"
 nrdm lab image --out "$OUT/convnext-first" --preset digits-dimr --depths 5 --variants nrdm --seeds 0 \
   --steps "$DIMR_STEPS" --set model.first_branch=convnext "${COMMON[@]}"

@@ -223,9 +223,10 @@ class StatsWindow:
         self.sums, self.n, self.steps, self.t0 = torch.zeros(3, dtype=torch.float64), 0, 0, time.perf_counter()
 
     def add(self, step_loss: torch.Tensor | None) -> None:
+        """step_loss: (loss, mse, penalty) of a taken step, on the host; None for a skipped step."""
         self.steps += 1
-        if step_loss is not None:                     # a finite step
-            self.sums += step_loss.double().cpu()
+        if step_loss is not None:
+            self.sums += step_loss
             self.n += 1
 
     def record(self, done: int, grad_norm, lr: float, batch_size: int) -> dict:
@@ -251,8 +252,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         done = step + 1
         diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
         result = _train_step(run, step, diagnostics_now)
-        finite = _apply_update(run, result, done, bar)
-        window.add(result.loss if finite else None)
+        window.add(_apply_update(run, result, done, bar))
         bar.update(1)
         if done % tc.log_every == 0 or done == tc.steps or diagnostics_now:
             _log_stats(run, window, result, done, bar)
@@ -371,14 +371,17 @@ def _train_step(run: Run, step: int, diagnostics: bool) -> StepResult:
     return StepResult(all_reduce_mean(loss_sum, env), grad_norm, tracer, run.scheduler.get_last_lr()[0])
 
 
-def _apply_update(run: Run, result: StepResult, done: int, bar) -> bool:
+def _apply_update(run: Run, result: StepResult, done: int, bar) -> torch.Tensor | None:
     """The optimizer and EMA step when loss and gradient are finite (under fp16 loss scaling the
     scaler judges the gradient); otherwise the step is skipped and logged, and max_bad_steps in a
-    row, or a diverging loss, stop training. The lr schedule advances either way. Returns
-    whether the step was taken."""
+    row, or a diverging loss, stop training. The lr schedule advances either way. Returns the
+    step's (loss, mse, penalty) on the host if the step was taken, else None."""
     tc, scaler = run.cfg.train, run.scaler
-    finite_loss = bool(torch.isfinite(result.loss).all())
-    ok = finite_loss if scaler is not None else (finite_loss and bool(torch.isfinite(result.grad_norm)))
+    # one device-to-host read per step (on a GPU each read waits for the queued work): loss, mse,
+    # penalty and the gradient norm together
+    host = torch.cat([result.loss.detach().double(), result.grad_norm.detach().double().reshape(1)]).cpu()
+    finite_loss = bool(torch.isfinite(host[:3]).all())
+    ok = finite_loss if scaler is not None else (finite_loss and bool(torch.isfinite(host[3])))
     if ok:
         if scaler is not None:
             scaler.step(run.optimizer)
@@ -387,7 +390,7 @@ def _apply_update(run: Run, result: StepResult, done: int, bar) -> bool:
             run.optimizer.step()
         run.ema.update(run.model, done - 1)
         run.bad_steps = 0
-        run.last_loss = float(result.loss[0])
+        run.last_loss = float(host[0])
         if run.monitor is not None and run.monitor.diverged(done, run.last_loss):
             run.log.write({"step": done, "diverged": True, "loss": run.last_loss, "running_min": run.monitor.running_min})
             raise TrainingStopped(
@@ -399,7 +402,7 @@ def _apply_update(run: Run, result: StepResult, done: int, bar) -> bool:
         if scaler is not None:
             scaler.update()
         run.bad_steps += 1
-        loss, norm = _num(result.loss[0]), _num(result.grad_norm)
+        loss, norm = _num(host[0]), _num(host[3])
         run.log.write({"step": done, "skipped": True, "loss": loss, "grad_norm": norm,
                        "consecutive_bad_steps": run.bad_steps})
         if run.env.is_main:
@@ -414,7 +417,7 @@ def _apply_update(run: Run, result: StepResult, done: int, bar) -> bool:
     with warnings.catch_warnings():          # a skipped first step still advances the lr schedule
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.scheduler.step()
-    return ok
+    return host[:3] if ok else None
 
 
 def _log_stats(run: Run, window: StatsWindow, result: StepResult, done: int, bar) -> None:
