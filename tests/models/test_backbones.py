@@ -332,3 +332,11 @@ def test_activation_config_key_and_bad_value():
     assert all(m.act is torch.nn.functional.gelu for m in model.modules() if isinstance(m, Mlp))
     with pytest.raises(ValueError, match=r"unknown activation 'relu'; allowed: gelu-tanh, gelu"):
         build_model("DiT-T/2", activation="relu")
+
+
+def test_out_of_range_class_labels_get_a_clear_error():
+    model = tiny("flow")                      # 3 classes: labels 0..2, 3 the null class
+    x, t, _ = inputs(model)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\] \(3 = null class\); got range \[0, 4\]"):
+        model(x, t, torch.tensor([0, 4]))
+    model(x, t, torch.tensor([0, 3]))         # the null class is valid

@@ -222,11 +222,19 @@ class LabelEmbedder(nn.Module):
         nn.init.normal_(self.table.weight, std=1.0)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if bool(((labels < 0) | (labels > self.num_classes)).any()):     # one device sync
-            raise ValueError(
-                f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class); "
-                f"got range [{int(labels.min())}, {int(labels.max())}]")
+        if not torch.compiler.is_compiling():      # a compiled graph keeps the embedding's own index check
+            self.check(labels)
         return self.table(labels)
+
+    def check(self, labels: torch.Tensor) -> None:
+        """A clear error for labels outside [0, num_classes], without a host sync on an accelerator
+        (there the check runs asynchronously with the queued work)."""
+        valid = ((labels >= 0) & (labels <= self.num_classes)).all()
+        message = f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)"
+        if labels.device.type != "cpu":
+            torch._assert_async(valid, message)
+        elif not bool(valid):
+            raise ValueError(f"{message}; got range [{int(labels.min())}, {int(labels.max())}]")
 
 
 def sincos_pos_embed_2d(width: int, grid: int, layout: str = "nrdm") -> torch.Tensor:
