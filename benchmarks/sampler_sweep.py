@@ -11,7 +11,10 @@ speed-up against its FID cost.
 
     python benchmarks/sampler_sweep.py runs/digits --out runs/sweep-digits [--n 500]
         [--samplers dpm++2m unipc ...] [--spacings uniform karras logsnr] [--nfe 5 10 15 25 50 100 250]
-        [--intervals none 0.3,3] [--cache 1 2 3 5]
+        [--intervals none 0.3,3] [--cache 1 2 3 5] [--precisions fp32 bf16] [--compile off on]
+
+--precisions and --compile time the network under autocast and torch.compile (sample.precision,
+sample.compile); the report gives their images per second against fp32 eager at the same setting.
 """
 import argparse
 import dataclasses
@@ -35,7 +38,9 @@ def steps_for(sampler: str, nfe: int) -> int:
 
 
 def key_of(row: dict) -> str:
-    return "|".join(str(row[k]) for k in ("sampler", "spacing", "nfe", "interval", "cache"))
+    return "|".join(str(row.get(k, d)) for k, d in (("sampler", None), ("spacing", None), ("nfe", None),
+                                                      ("interval", None), ("cache", None), ("precision", "fp32"),
+                                                      ("compile", "off")))
 
 
 def main() -> None:
@@ -51,6 +56,8 @@ def main() -> None:
                         help="guidance intervals: none, or LO,HI in sigma (e.g. 0.3,3)")
     parser.add_argument("--cache", nargs="+", type=int, default=[1], help="feature-cache intervals")
     parser.add_argument("--cfg", type=float, help="guidance scale (default: the run's)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -61,16 +68,17 @@ def main() -> None:
     cfg, model, schedule, ckpt = load_run(args.run)
     net = feature_network(cfg.data, progress=False)
     base = dataclasses.replace(cfg.sample, seed=args.seed, **({} if args.cfg is None else {"cfg_scale": args.cfg}))
-    todo = [dict(sampler=s, spacing=p, nfe=k, interval=i, cache=c) for s in args.samplers for p in args.spacings
-            for k in args.nfe for i in args.intervals for c in args.cache
-            if not (s == "heun" and k < 3)]
+    todo = [dict(sampler=s, spacing=p, nfe=k, interval=i, cache=c, precision=q, compile=m)
+            for s in args.samplers for p in args.spacings for k in args.nfe for i in args.intervals
+            for c in args.cache for q in args.precisions for m in args.compile if not (s == "heun" and k < 3)]
     for row in todo:
         if key_of(row) in done:
             continue
         interval = None if row["interval"] == "none" else [float(v) for v in row["interval"].split(",")]
         cfg.sample = dataclasses.replace(base, sampler=row["sampler"], spacing=row["spacing"],
                                          steps=steps_for(row["sampler"], row["nfe"]), guidance_interval=interval,
-                                         cache_interval=row["cache"])
+                                         cache_interval=row["cache"], precision=row["precision"],
+                                         compile=row["compile"] == "on")
         start = time.perf_counter()
         result = evaluate(model, schedule, cfg, n=args.n, net=net, progress=False)
         row.update(seconds=time.perf_counter() - start, fid=result["metrics"]["fid"],
@@ -84,8 +92,16 @@ def main() -> None:
     report(rows, out)
 
 
+def same_setting(a: dict, b: dict, *keys) -> bool:
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
 def report(rows: list[dict], out: Path) -> None:
-    plain = [r for r in rows if r["cache"] == 1 and r["interval"] == "none"]
+    for r in rows:                                  # rows from before the precision and compile columns
+        r.setdefault("precision", "fp32")
+        r.setdefault("compile", "off")
+    eager = [r for r in rows if r["precision"] == "fp32" and r["compile"] == "off"]
+    plain = [r for r in eager if r["cache"] == 1 and r["interval"] == "none"]
     if plain:
         best = min(plain, key=lambda r: r["fid"])
         at10 = [r for r in plain if r["nfe"] <= 10]
@@ -93,20 +109,28 @@ def report(rows: list[dict], out: Path) -> None:
             best10 = min(at10, key=lambda r: r["fid"])
             print(f"best <= 250 NFE: {key_of(best)} FID {best['fid']:.3f}; best <= 10 NFE: {key_of(best10)} "
                   f"FID {best10['fid']:.3f} = {best10['fid'] / best['fid']:.2f}x the best")
-    for r in rows:
+    setting = ("sampler", "spacing", "nfe", "interval")
+    for r in eager:
         if r["cache"] > 1:
-            ref = [q for q in rows if q["cache"] == 1 and all(q[k] == r[k] for k in ("sampler", "spacing", "nfe",
-                                                                                   "interval"))]
+            ref = [q for q in plain if same_setting(q, r, *setting)]
             if ref:
                 print(f"cache {r['cache']} on {key_of(ref[0])}: {ref[0]['seconds'] / r['seconds']:.2f}x faster, "
                       f"FID {r['fid'] / ref[0]['fid']:.2f}x")
+    for r in rows:
+        if r["precision"] != "fp32" or r["compile"] != "off":
+            ref = [q for q in eager if same_setting(q, r, *setting, "cache")]
+            if ref:
+                print(f"{r['precision']}, compile {r['compile']} on {key_of(ref[0])}: "
+                      f"{ref[0]['seconds'] / r['seconds']:.2f}x the images per second of fp32 eager, "
+                      f"FID {r['fid']:.3f} against {ref[0]['fid']:.3f}")
     for metric in ("fid", "class_accuracy"):
         for axis in ("nfe", "seconds"):
             fig, ax = plt.subplots(figsize=(8, 5))
             lines: dict[str, list] = {}
             for r in rows:
                 name = f"{r['sampler']} {r['spacing']}" + (f" gi {r['interval']}" if r["interval"] != "none" else "") + (
-                    f" cache {r['cache']}" if r["cache"] > 1 else "")
+                    f" cache {r['cache']}" if r["cache"] > 1 else "") + (
+                    f" {r['precision']}" if r["precision"] != "fp32" else "") + (" compiled" if r["compile"] == "on" else "")
                 lines.setdefault(name, []).append((r[axis], r[metric]))
             for name, points in sorted(lines.items()):
                 points.sort()
