@@ -68,7 +68,7 @@ class Attention(nn.Module):
 # The MLPs' activation. DiT (and timm's ViT it builds on) uses GELU's tanh approximation; the exact
 # (erf) GELU differs from it by < 5e-4 and is the cheaper kernel on CPUs: ATen's tanh form ran 6.6x
 # slower forward and 2.1x slower forward+backward on an AVX2 host, which made a digits-flow
-# training step 1.10x slower (benchmarks/peer_throughput.py --activation).
+# training step 1.10x slower (docs/performance.md).
 ACTIVATIONS = {"gelu-tanh": functools.partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
 
 
