@@ -12,6 +12,17 @@ from pathlib import Path
 import numpy as np
 
 
+
+def _quality_axis(ax, floor: float) -> None:
+    """The quality axis spans orders of magnitude: log scale down to just below a positive floor
+    (image FID: real vs real); symlog through 0 where the floor is ~0 or unknown (the toy lab)."""
+    if math.isfinite(floor) and floor > 0.01:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.8 * floor)
+    else:
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_ylim(bottom=min(floor, 0.0) - 0.002 if math.isfinite(floor) else None)
+
 def _mean_std(values):
     a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     return (float(a.mean()), float(a.std()), len(a)) if len(a) else (math.nan, math.nan, 0)
@@ -115,8 +126,7 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
         if math.isfinite(floor):
             axes[0].axhline(floor, ls="--", color="gray", label="real vs real")
         axes[0].set(xlabel="training step", ylabel=f"{metric} (lower is better)", title="sample quality")
-        axes[0].set_yscale("symlog", linthresh=0.01)     # spans orders of magnitude; the floor may be ~0
-        axes[0].set_ylim(bottom=min(floor, 0.0) - 0.002 if math.isfinite(floor) else None)
+        _quality_axis(axes[0], floor)
         axes[1].set(xlabel="training step", ylabel="training loss (denoising MSE)", title="loss", yscale="log")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{setting}: depth {deepest}, gamma {gamma:g} (mean +- std over seeds)")
@@ -164,8 +174,7 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
                ylabel=f"{metric} (lower is better)", xscale="log",
                title=f"{setting}: quality vs depth, gamma {gamma:g}\n(mean +- std over seeds)")
         ax.set_xticks(depths, [str(d) for d in depths])
-        ax.set_yscale("symlog", linthresh=0.01)
-        ax.set_ylim(bottom=min(floor, 0.0) - 0.002 if math.isfinite(floor) else None)
+        _quality_axis(ax, floor)
         ax.minorticks_off()
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / f"{setting}_quality_vs_depth_gamma{gamma:g}.png"))
