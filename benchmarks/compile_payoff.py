@@ -10,24 +10,20 @@ the first compiled step took beyond a steady one. break-even = overhead / (eager
 step), or never when compiling does not make a step faster.
 """
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from _throughput import timing_overrides
+from _throughput import timing_overrides, trainer_steps_per_s
 from nrdm.config import load_config
-from nrdm.training import train
 
 
 def timed_run(preset: str, compile_: bool, steps: int, run_dir: Path) -> tuple[float, float]:
     """(wall seconds of the whole run, steady seconds per step from its second log window)."""
     cfg = load_config(preset, [f"train.compile={str(compile_).lower()}", *timing_overrides(steps)])
     start = time.perf_counter()
-    train(cfg, run_dir, progress=False)
-    wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return wall, 1.0 / [r for r in records if "steps_per_s" in r][-1]["steps_per_s"]
+    steps_per_s = trainer_steps_per_s(cfg, run_dir)
+    return time.perf_counter() - start, 1.0 / steps_per_s
 
 
 def main():

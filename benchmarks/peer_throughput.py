@@ -44,22 +44,24 @@ def ours(shape, variant, activation="gelu-tanh"):
                        activation=activation)
 
 
+class AsOurs(torch.nn.Module):
+    """A diffusers model called as ours is: (x, t, labels) -> output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y):
+        return self.model(x, timestep=t, class_labels=y).sample
+
+
 def theirs(shape):
     import diffusers
     width, depth, heads, patch, channels, size, _ = shape
     model = diffusers.DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=width // heads,
                                             in_channels=channels, out_channels=channels, num_layers=depth,
                                             sample_size=size, patch_size=patch, num_embeds_ada_norm=CLASSES)
-
-    class Wrapped(torch.nn.Module):                      # the same call as ours: (x, t, labels) -> output
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x, t, y):
-            return self.model(x, timestep=t, class_labels=y).sample
-
-    return Wrapped()
+    return AsOurs(model)
 
 
 def forward_flops(model, x, t, y) -> int:
@@ -76,16 +78,7 @@ def their_unet():
                                   layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
                                   num_class_embeds=CLASSES + 1, norm_num_groups=8, attention_head_dim=8)
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x, t, y):
-            return self.model(x, t, class_labels=y).sample
-
-    return Wrapped()
+    return AsOurs(model)
 
 
 def our_unet(variant, channels_last=False):
