@@ -1,6 +1,7 @@
 """The image proxy of the depth lab: a tiny grid through the real trainer writes its CSV and plots
 and resumes; a diverging run is recorded with its step, not raised; the lab's own keys cannot be
 overridden by mistake."""
+import dataclasses
 import functools
 
 import pytest
@@ -85,6 +86,28 @@ def test_lab_keys_cannot_be_overridden():
     assert cosine.train.lr_schedule == "cosine"
 
 
+def test_cells_sample_with_the_study_protocol_whatever_the_preset_default(monkeypatch):
+    """Every cell is scored with the study's sampler, also when a preset's sampling default
+    changes (cells of a grid run sessions apart stay comparable); the guidance scale is the
+    preset's, and the sampler keys are the lab's, not an override's."""
+    import nrdm.lab.image as image_lab
+
+    def preset_with_another_default(name, overrides=()):
+        cfg = load_config(name, list(overrides))
+        cfg.sample = dataclasses.replace(cfg.sample, sampler="unipc", steps=10, spacing="karras", cache_interval=2,
+                                         guidance_interval=[0.3, 3.0], cfg_scale=2.5)
+        return cfg
+
+    monkeypatch.setattr(image_lab, "load_config", preset_with_another_default)
+    for backbone, steps in (("preset", 25), ("flow", 20)):
+        sample = ImageCell("digits", backbone, "nrdm", 2, 0.0, 0).config().sample
+        assert (sample.sampler, sample.steps, sample.spacing) == ("dpm++2m", steps, "uniform")
+        assert (sample.cache_interval, sample.guidance_interval, sample.cfg_rescale) == (1, None, 0.0)
+        assert sample.cfg_scale == 2.5
+    with pytest.raises(ValueError, match="the lab sets these keys itself"):
+        ImageCell("digits", "preset", "nrdm", 2, 0.0, 0, overrides=("sample.sampler=heun",)).config()
+
+
 def test_preset_cells_keep_the_presets_model_and_recipe():
     """backbone "preset": the preset's model (here the quickstart's conv U-Net) and lr, with the
     cell's variant and depth; the key names the preset, not a width or patch size."""
@@ -94,5 +117,5 @@ def test_preset_cells_keep_the_presets_model_and_recipe():
     assert (cfg.model.size, cfg.model.width, cfg.model.channel_mult) == (preset.model.size, preset.model.width,
                                                                            preset.model.channel_mult)
     assert (cfg.model.variant, cfg.model.depth, cfg.train.seed, cfg.train.steps) == ("depth-mup", 8, 1, 40)
-    assert cfg.train.lr == preset.train.lr and cfg.sample.steps == preset.sample.steps
+    assert cfg.train.lr == preset.train.lr and cfg.sample.cfg_scale == preset.sample.cfg_scale
     assert cell.setting == "digits" and cell.key == "digits|depth-mup|d8|g0|s1|n40"

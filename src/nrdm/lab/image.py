@@ -25,8 +25,15 @@ from nrdm.config import ModelConfig, load_config
 from nrdm.lab.grid import DIVERGENCE_FACTOR
 
 
+# The study's evaluation sampler, fixed here rather than read from the preset, so that every cell
+# of a grid, including cells run long before, is scored alike when a preset's sampling default
+# changes. The guidance scale stays the preset's (1.5 on digits, 2 on Fashion-MNIST).
+STUDY_SAMPLING = dict(sampler="dpm++2m", spacing="uniform", guidance_interval=None, cfg_rescale=0.0,
+                      cache_interval=1, precision="fp32", compile=False)
+STUDY_SAMPLE_STEPS = {"preset": 25, "proxy": 20}     # preset cells; narrow proxy transformers
+
 # config keys an image cell sets from its own fields and options
-LAB_KEYS = ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps", "train.batch_size", "train.lr",
+LAB_KEYS = tuple(f"sample.{key}" for key in STUDY_SAMPLING) + ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps", "train.batch_size", "train.lr",
             "train.seed", "train.warmup_steps", "train.precision", "train.log_every", "train.eval_every",
             "train.eval_n", "train.ckpt_every", "train.keep_last", "train.diagnostics_every",
             "train.divergence_factor", "sample.n", "sample.steps")
@@ -42,7 +49,7 @@ class ImageCell:
     """One image run: a `backbone` of `depth` transformer blocks (two gated units each) of
     `variant` at fixed width, trained `steps` steps from the `preset`'s data and diffusion
     settings, with penalty weight `gamma`. backbone "preset" keeps the preset's whole model and
-    training recipe (lr schedule, warm-up, EMA, sampler) and changes only its variant and depth
+    training recipe (lr schedule, warm-up, EMA, guidance scale) and changes only its variant and depth
     (model.depth: blocks of a transformer, units per level of a U-Net); width, heads and
     patch_size are then unused."""
 
@@ -93,7 +100,8 @@ class ImageCell:
             warmup_steps=min(cfg.train.warmup_steps, self.steps // 4), precision="fp32",
             log_every=every, eval_every=every, eval_n=eval_n, ckpt_every=every, keep_last=1,
             diagnostics_every=max(1, self.steps // snapshots), divergence_factor=DIVERGENCE_FACTOR)
-        cfg.sample = dataclasses.replace(cfg.sample, n=50, steps=cfg.sample.steps if self.backbone == "preset" else 20)
+        steps = STUDY_SAMPLE_STEPS["preset" if self.backbone == "preset" else "proxy"]
+        cfg.sample = dataclasses.replace(cfg.sample, n=50, steps=steps, **STUDY_SAMPLING)
         return cfg
 
     def run(self, cells_dir: str | Path, eval_points: int = 3, eval_n: int = 250, snapshots: int = 3,
