@@ -109,6 +109,10 @@ def report(rows: list[dict], out: Path) -> None:
             best10 = min(at10, key=lambda r: r["fid"])
             print(f"best <= 250 NFE: {key_of(best)} FID {best['fid']:.3f}; best <= 10 NFE: {key_of(best10)} "
                   f"FID {best10['fid']:.3f} = {best10['fid'] / best['fid']:.2f}x the best")
+        # the default to recommend: the fewest evaluations whose FID is within 10% of the best
+        good = [r for r in plain if r["fid"] <= 1.1 * best["fid"]]
+        cheapest = min(good, key=lambda r: (r["nfe"], r["fid"]))
+        print(f"fewest NFE within 10% of the best: {key_of(cheapest)} FID {cheapest['fid']:.3f}")
     setting = ("sampler", "spacing", "nfe", "interval")
     for r in eager:
         if r["cache"] > 1:
@@ -116,6 +120,12 @@ def report(rows: list[dict], out: Path) -> None:
             if ref:
                 print(f"cache {r['cache']} on {key_of(ref[0])}: {ref[0]['seconds'] / r['seconds']:.2f}x faster, "
                       f"FID {r['fid'] / ref[0]['fid']:.2f}x")
+    for r in eager:
+        if r["interval"] != "none" and r["cache"] == 1:
+            ref = [q for q in plain if same_setting(q, r, "sampler", "spacing", "nfe")]
+            if ref:
+                print(f"guidance interval {r['interval']} on {key_of(ref[0])}: FID {r['fid']:.3f} against "
+                      f"{ref[0]['fid']:.3f} ({r['fid'] / ref[0]['fid']:.2f}x), {ref[0]['seconds'] / r['seconds']:.2f}x faster")
     for r in rows:
         if r["precision"] != "fp32" or r["compile"] != "off":
             ref = [q for q in eager if same_setting(q, r, *setting, "cache")]
