@@ -27,10 +27,11 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from nrdm.diffusion import SAMPLERS, SPACINGS  # noqa: E402
 from nrdm.factory import load_run  # noqa: E402
-from nrdm.metrics.evaluate import evaluate, feature_network  # noqa: E402
+from nrdm.metrics.evaluate import evaluate, feature_network, real_floor  # noqa: E402
 
 
 def steps_for(sampler: str, nfe: int) -> int:
@@ -89,14 +90,72 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(f"{key_of(row):<40} FID {row['fid']:7.3f}  acc {row['class_accuracy']:.3f}  {row['seconds']:6.1f}s",
               flush=True)
-    report(rows, out)
+    report(rows, out, floor_of(cfg, args.n, out, net))
+
+
+def floor_of(cfg, n: int, out: Path, net) -> float:
+    """The real-vs-real FID at the sweep's n (the best any sampler can show), kept in OUT/floor.json."""
+    path = out / "floor.json"
+    if not path.exists():
+        path.write_text(json.dumps({"fid": real_floor(cfg.data, n, net=net)["fid"], "n": n}))
+    return json.loads(path.read_text())["fid"]
+
+
+# one colour per sampler, one line style per spacing; hollow squares for a guidance interval,
+# a cache, autocast or compile, so every line of a full sweep is told apart
+SAMPLER_COLORS = dict(zip(SAMPLERS, plt.get_cmap("tab10").colors))
+SPACING_STYLES = {"uniform": "-", "trailing": "-", "leading": ":", "karras": "--", "logsnr": "-."}
+
+
+def label_of(r: dict) -> str:
+    return f"{r['sampler']} {r['spacing']}" + (f" gi {r['interval']}" if r["interval"] != "none" else "") + (
+        f" cache {r['cache']}" if r["cache"] > 1 else "") + (
+        f" {r['precision']}" if r["precision"] != "fp32" else "") + (" compiled" if r["compile"] == "on" else "")
+
+
+def plot(rows: list[dict], metric: str, axis: str, path: Path, floor: float | None) -> None:
+    """Quality against NFE or seconds, one line per setting. FID is clipped at 4x the best so
+    that a failed setting does not flatten the rest; its points sit at the top edge as triangles
+    and its legend entry gives the worst value."""
+    lines: dict[str, list] = {}
+    for r in rows:
+        lines.setdefault(label_of(r), []).append(r)
+    top = 4 * min(r["fid"] for r in rows) if metric == "fid" else None
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, group in sorted(lines.items()):
+        group.sort(key=lambda r: r[axis])
+        xs, ys = [r[axis] for r in group], [r[metric] for r in group]
+        plain = group[0]["interval"] == "none" and group[0]["cache"] == 1 and group[0]["precision"] == "fp32" \
+            and group[0]["compile"] == "off"
+        style = dict(color=SAMPLER_COLORS.get(group[0]["sampler"]), linestyle=SPACING_STYLES.get(group[0]["spacing"], "-"))
+        if top is not None and max(ys) > top:
+            name += f" (off scale, up to {max(ys):.3g})"
+            ax.plot([x for x, y in zip(xs, ys) if y > top], [top] * sum(y > top for y in ys), marker="^",
+                    linestyle="none", markersize=9, color=style["color"])
+            ys = [min(y, top) for y in ys]
+        ax.plot(xs, ys, marker="o" if plain else "s", fillstyle="full" if plain else "none", label=name, **style)
+    if floor is not None:
+        ax.axhline(floor, color="black", linewidth=1, linestyle=":", label=f"real vs real at the same n ({floor:.3f})")
+    ax.set_xscale("log")
+    if metric == "fid":
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("network evaluations per sample" if axis == "nfe" else "seconds for the evaluation set")
+    ax.set_ylabel("FID (domain network)" if metric == "fid" else "class accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def same_setting(a: dict, b: dict, *keys) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def report(rows: list[dict], out: Path) -> None:
+def report(rows: list[dict], out: Path, floor: float | None = None) -> None:
     for r in rows:                                  # rows from before the precision and compile columns
         r.setdefault("precision", "fp32")
         r.setdefault("compile", "off")
@@ -135,26 +194,7 @@ def report(rows: list[dict], out: Path) -> None:
                       f"FID {r['fid']:.3f} against {ref[0]['fid']:.3f}")
     for metric in ("fid", "class_accuracy"):
         for axis in ("nfe", "seconds"):
-            fig, ax = plt.subplots(figsize=(8, 5))
-            lines: dict[str, list] = {}
-            for r in rows:
-                name = f"{r['sampler']} {r['spacing']}" + (f" gi {r['interval']}" if r["interval"] != "none" else "") + (
-                    f" cache {r['cache']}" if r["cache"] > 1 else "") + (
-                    f" {r['precision']}" if r["precision"] != "fp32" else "") + (" compiled" if r["compile"] == "on" else "")
-                lines.setdefault(name, []).append((r[axis], r[metric]))
-            for name, points in sorted(lines.items()):
-                points.sort()
-                ax.plot(*zip(*points), marker="o", label=name)
-            ax.set_xscale("log")
-            if metric == "fid":
-                ax.set_yscale("log")
-            ax.set_xlabel("network evaluations per sample" if axis == "nfe" else "seconds for the evaluation set")
-            ax.set_ylabel("FID (domain network)" if metric == "fid" else "class accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
-            fig.tight_layout()
-            fig.savefig(out / f"{metric}_vs_{axis}.png", dpi=110)
-            plt.close(fig)
+            plot(rows, metric, axis, out / f"{metric}_vs_{axis}.png", floor if metric == "fid" else None)
     print(f"wrote {out}/sweep.jsonl and plots")
 
 
