@@ -55,6 +55,14 @@ def test_pipeline_with_dpm_solver_matches_our_dpmpp_2m(exported):
     theirs = pipe(class_labels=labels, num_inference_steps=8, guidance_scale=2.0, latents=x_T, output_type="latent").images
     ours = sample(eps_predictor(model, schedule, labels, 2.0), x_T, schedule, "dpm++2m", 8)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    # the guidance interval and CFG rescale of `nrdm sample`: (0.3, 5] guides some of the 8 steps, not all
+    sigma = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()[pipe.scheduler.timesteps]
+    assert 0 < int(((sigma > 0.3) & (sigma <= 5)).sum()) < 8
+    theirs = pipe(class_labels=labels, num_inference_steps=8, guidance_scale=2.0, guidance_interval=(0.3, 5.0),
+                  guidance_rescale=0.7, latents=x_T, output_type="latent").images
+    ours = sample(eps_predictor(model, schedule, labels, 2.0, interval=(0.3, 5.0), rescale=0.7), x_T, schedule,
+                  "dpm++2m", 8)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     images = pipe(class_labels=[1, 2], num_inference_steps=2).images
     assert len(images) == 2 and images[0].size == (8, 8)
 

@@ -76,6 +76,15 @@ class NRDMModel(ModelMixin, ConfigMixin):
         return NRDMModelOutput(sample=out) if return_dict else (out,)
 
 
+def _guided_at(scheduler, t: torch.Tensor, interval: tuple[float, float] | None) -> bool:
+    """Whether step t lies in the guidance interval (lo, hi] of sigma (always without one)."""
+    if interval is None:
+        return True
+    abar = scheduler.alphas_cumprod[int(round(float(t)))]
+    sigma = float(((1 - abar) / abar).sqrt())
+    return interval[0] < sigma <= interval[1]
+
+
 def _splits_learned_variance(scheduler) -> bool:
     return isinstance(scheduler, diffusers.DDPMScheduler) and \
         scheduler.config.get("variance_type") in ("learned", "learned_range")
@@ -95,10 +104,14 @@ class NRDMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels: list[int] | torch.Tensor | None = None, batch_size: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 1.0,
+                 guidance_interval: tuple[float, float] | None = None, guidance_rescale: float = 0.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True):
         """class_labels: one class per sample (None: unconditional sampling, `batch_size` samples).
-        guidance_scale: classifier-free guidance (1 = none). generator: the initial noise and the
+        guidance_scale: classifier-free guidance (1 = none). guidance_interval: (lo, hi), guide only
+        at steps whose sigma = sqrt((1 - abar_t) / abar_t) lies in (lo, hi], one conditional pass
+        elsewhere (as `sample.guidance_interval`; None: every step). guidance_rescale: CFG rescale
+        phi (as `sample.cfg_rescale`). generator: the initial noise and the
         scheduler's noise. latents: the initial noise (B, *sample_shape) instead of drawing it.
         output_type: "pil" (images), "np" (B, H, W, C) or (B, F, H, W, C) in [0, 1], "pt", or
         "latent" (the sampled latents, undecoded)."""
@@ -119,7 +132,8 @@ class NRDMPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         for t in self.progress_bar(scheduler.timesteps):
             x_in = scheduler.scale_model_input(x, t)
-            prediction, variance = model_prediction(backbone, x_in, t.expand(batch), labels, guidance_scale)
+            scale = guidance_scale if _guided_at(scheduler, t, guidance_interval) else 1.0
+            prediction, variance = model_prediction(backbone, x_in, t.expand(batch), labels, scale, guidance_rescale)
             if variance is not None and _splits_learned_variance(scheduler):
                 prediction = torch.cat([prediction, variance], 1)
             x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
