@@ -161,17 +161,17 @@ def report(rows: list[dict], out: Path, floor: float | None = None) -> None:
         r.setdefault("compile", "off")
     eager = [r for r in rows if r["precision"] == "fp32" and r["compile"] == "off"]
     plain = [r for r in eager if r["cache"] == 1 and r["interval"] == "none"]
-    if plain:
-        best = min(plain, key=lambda r: r["fid"])
-        at10 = [r for r in plain if r["nfe"] <= 10]
+    for interval in sorted({r["interval"] for r in eager}):     # plain guidance, then each interval
+        same = [r for r in eager if r["cache"] == 1 and r["interval"] == interval]
+        best = min(same, key=lambda r: r["fid"])
+        print(f"guidance interval {interval}: best <= 250 NFE {key_of(best)} FID {best['fid']:.3f}")
+        at10 = [r for r in same if r["nfe"] <= 10]
         if at10:
             best10 = min(at10, key=lambda r: r["fid"])
-            print(f"best <= 250 NFE: {key_of(best)} FID {best['fid']:.3f}; best <= 10 NFE: {key_of(best10)} "
-                  f"FID {best10['fid']:.3f} = {best10['fid'] / best['fid']:.2f}x the best")
+            print(f"  best <= 10 NFE {key_of(best10)} FID {best10['fid']:.3f} = {best10['fid'] / best['fid']:.2f}x the best")
         # the default to recommend: the fewest evaluations whose FID is within 10% of the best
-        good = [r for r in plain if r["fid"] <= 1.1 * best["fid"]]
-        cheapest = min(good, key=lambda r: (r["nfe"], r["fid"]))
-        print(f"fewest NFE within 10% of the best: {key_of(cheapest)} FID {cheapest['fid']:.3f}")
+        cheapest = min((r for r in same if r["fid"] <= 1.1 * best["fid"]), key=lambda r: (r["nfe"], r["fid"]))
+        print(f"  fewest NFE within 10% of the best: {key_of(cheapest)} FID {cheapest['fid']:.3f}")
     setting = ("sampler", "spacing", "nfe", "interval")
     for r in eager:
         if r["cache"] > 1:
