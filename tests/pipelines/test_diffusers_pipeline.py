@@ -20,7 +20,8 @@ def exported(request, tmp_path_factory):
     """(run directory, exported folder) of a tiny class-conditional U-Net run (2 steps)."""
     root = tmp_path_factory.mktemp(f"export-{request.param}")
     train(load_config("digits", TINY_OVERRIDES + ["train.steps=2", f"diffusion.prediction={request.param}",
-                                                  "sample.sampler=dpm++2m"]), root / "run", progress=False)
+                                                  "sample.sampler=dpm++2m", "sample.spacing=uniform"]), root / "run",
+          progress=False)
     assert cli_main(["export", str(root / "run"), "--out", str(root / "folder")]) == 0
     return root / "run", root / "folder"
 
