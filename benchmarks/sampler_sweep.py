@@ -5,9 +5,10 @@ scored with `nrdm.metrics.evaluate` (FID and class accuracy on the run's feature
 same n, seed and classes for all), timed, and appended to OUT/sweep.jsonl (a rerun skips what is
 there). NFE counts network evaluations per sample (a guided pair is one, as DiT counts): steps
 for every sampler but heun, whose steps cost 2 each but the last. The script then plots FID and
-class accuracy against NFE and against seconds (OUT/*.png) and prints, per sampler, the best
-FID at each NFE, the best 10-NFE configuration against the best at <= 250 NFE, and the cache's
-speed-up against its FID cost.
+class accuracy against NFE and against seconds (OUT/*.png, with the real-vs-real FID at the same n,
+kept in OUT/floor.json) and prints, for plain guidance and for each guidance interval, the best
+setting, the best 10-NFE setting against it and the fewest NFE within 10% of it; the guidance
+interval's FID and speed against plain guidance; and the cache's speed-up against its FID cost.
 
     python benchmarks/sampler_sweep.py runs/digits --out runs/sweep-digits [--n 500]
         [--samplers dpm++2m unipc ...] [--spacings uniform karras logsnr] [--nfe 5 10 15 25 50 100 250]

@@ -33,10 +33,10 @@ STUDY_SAMPLING = dict(sampler="dpm++2m", spacing="uniform", guidance_interval=No
 STUDY_SAMPLE_STEPS = {"preset": 25, "proxy": 20}     # preset cells; narrow proxy transformers
 
 # config keys an image cell sets from its own fields and options
-LAB_KEYS = tuple(f"sample.{key}" for key in STUDY_SAMPLING) + ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps", "train.batch_size", "train.lr",
+LAB_KEYS = ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps", "train.batch_size", "train.lr",
             "train.seed", "train.warmup_steps", "train.precision", "train.log_every", "train.eval_every",
             "train.eval_n", "train.ckpt_every", "train.keep_last", "train.diagnostics_every",
-            "train.divergence_factor", "sample.n", "sample.steps")
+            "train.divergence_factor", "sample.n", "sample.steps") + tuple(f"sample.{key}" for key in STUDY_SAMPLING)
 
 
 def _is_lab_key(key: str) -> bool:
