@@ -128,7 +128,8 @@ def plot(rows: list[dict], metric: str, axis: str, path: Path, floor: float | No
         xs, ys = [r[axis] for r in group], [r[metric] for r in group]
         plain = group[0]["interval"] == "none" and group[0]["cache"] == 1 and group[0]["precision"] == "fp32" \
             and group[0]["compile"] == "off"
-        style = dict(color=SAMPLER_COLORS.get(group[0]["sampler"]), linestyle=SPACING_STYLES.get(group[0]["spacing"], "-"))
+        style = dict(color=SAMPLER_COLORS.get(group[0]["sampler"]),
+                     linestyle=SPACING_STYLES.get(group[0]["spacing"], "-"))
         if top is not None and max(ys) > top:
             name += f" (off scale, up to {max(ys):.3g})"
             ax.plot([x for x, y in zip(xs, ys) if y > top], [top] * sum(y > top for y in ys), marker="^",
@@ -169,7 +170,8 @@ def report(rows: list[dict], out: Path, floor: float | None = None) -> None:
         at10 = [r for r in same if r["nfe"] <= 10]
         if at10:
             best10 = min(at10, key=lambda r: r["fid"])
-            print(f"  best <= 10 NFE {key_of(best10)} FID {best10['fid']:.3f} = {best10['fid'] / best['fid']:.2f}x the best")
+            print(f"  best <= 10 NFE {key_of(best10)} FID {best10['fid']:.3f} = "
+                  f"{best10['fid'] / best['fid']:.2f}x the best")
         # the default to recommend: the fewest evaluations whose FID is within 10% of the best
         cheapest = min((r for r in same if r["fid"] <= 1.1 * best["fid"]), key=lambda r: (r["nfe"], r["fid"]))
         print(f"  fewest NFE within 10% of the best: {key_of(cheapest)} FID {cheapest['fid']:.3f}")
@@ -185,7 +187,8 @@ def report(rows: list[dict], out: Path, floor: float | None = None) -> None:
             ref = [q for q in plain if same_setting(q, r, "sampler", "spacing", "nfe")]
             if ref:
                 print(f"guidance interval {r['interval']} on {key_of(ref[0])}: FID {r['fid']:.3f} against "
-                      f"{ref[0]['fid']:.3f} ({r['fid'] / ref[0]['fid']:.2f}x), {ref[0]['seconds'] / r['seconds']:.2f}x faster")
+                      f"{ref[0]['fid']:.3f} ({r['fid'] / ref[0]['fid']:.2f}x), "
+                      f"{ref[0]['seconds'] / r['seconds']:.2f}x faster")
     for r in rows:
         if r["precision"] != "fp32" or r["compile"] != "off":
             ref = [q for q in eager if same_setting(q, r, *setting, "cache")]
