@@ -20,6 +20,14 @@ from nrdm.models.conditions import concat, is_conditional, null_condition
 from nrdm.diffusion.schedule import VPSchedule
 
 
+def in_guidance_interval(sigma: torch.Tensor, interval: tuple[float, float] | None) -> torch.Tensor:
+    """Whether each noise level sigma = sqrt((1 - abar) / abar) lies in the guidance interval
+    (lo, hi] (everywhere when interval is None)."""
+    if interval is None:
+        return torch.ones_like(sigma, dtype=torch.bool)
+    return (sigma > interval[0]) & (sigma <= interval[1])
+
+
 def _guided_pair(model: nn.Module, x: torch.Tensor, t: torch.Tensor, condition, scale: float,
                  rescale: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(guided prediction, the conditional half's variance values or None): the conditional and
@@ -72,9 +80,7 @@ def eps_predictor(model: nn.Module, schedule: VPSchedule, condition=None, cfg_sc
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor):
         guide = torch.full(t.shape, condition is not None and cfg_scale != 1.0)
-        if interval is not None:
-            s = sigma[t.cpu()]
-            guide &= (s > interval[0]) & (s <= interval[1])
+        guide &= in_guidance_interval(sigma[t.cpu()], interval)
         if guide.all():
             out, variance = _guided_pair(model, x, t, condition, cfg_scale, rescale)
         elif not guide.any():

@@ -32,7 +32,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput  # noqa: E402
 from diffusers.utils import BaseOutput  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from nrdm.diffusion.guidance import model_prediction  # noqa: E402
+from nrdm.diffusion.guidance import in_guidance_interval, model_prediction  # noqa: E402
 from nrdm.factory import build_model_from_args  # noqa: E402
 
 # the diffusers scheduler that runs each of our samplers (the same update rule)
@@ -77,12 +77,9 @@ class NRDMModel(ModelMixin, ConfigMixin):
 
 
 def _guided_at(scheduler, t: torch.Tensor, interval: tuple[float, float] | None) -> bool:
-    """Whether step t lies in the guidance interval (lo, hi] of sigma (always without one)."""
-    if interval is None:
-        return True
+    """Whether step t (rounded: some schedulers step between integers) lies in the guidance interval."""
     abar = scheduler.alphas_cumprod[int(round(float(t)))]
-    sigma = float(((1 - abar) / abar).sqrt())
-    return interval[0] < sigma <= interval[1]
+    return bool(in_guidance_interval(((1 - abar) / abar).sqrt(), interval))
 
 
 def _splits_learned_variance(scheduler) -> bool:
