@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The training options against the plain loss at equal steps, 3 seeds, on the transformer presets
-# (opt-in; about 10 CPU-minutes per run). Each option is its own lab grid, so each has its own
+# (opt-in; 35-45 CPU-minutes per run on this 2-core machine). Each option is its own lab grid, so each has its own
 # summary (FID and class accuracy, mean +- std over seeds) in runs/options/<preset>-<option>/.
 #   bash benchmarks/training_options.sh digits-flow        # plain, min-snr, logit-normal, cosine
 #   SHARD=0/2 bash benchmarks/training_options.sh digits-uvit & SHARD=1/2 bash ...   # 2 processes
+# The plain arm is the preset itself, exactly what the depth study's converged grid trains for nrdm at the
+# preset's depth (same steps, seeds and evaluation points): PLAIN_OUT=runs/depth-study/converged reuses
+# those finished cells instead of training them again.
 set -euo pipefail
 PRESET=${1:-digits-flow}
 OUT=${OUT:-runs/options}
@@ -12,7 +15,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 depth=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').model.depth)")
 steps=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').train.steps)")
 GRID=(--preset "$PRESET" --backbones preset --variants nrdm --depths "$depth" --gammas 0 --seeds 0 1 2
-      --steps "$steps" --eval-n 500 --eval-points 3 --no-progress --shard "$SHARD")
+      --steps "$steps" --eval-n 500 --eval-points 4 --no-progress --shard "$SHARD")
 declare -A OPTIONS=(
   [plain]=""
   [min-snr]="diffusion.min_snr_gamma=5"
@@ -22,5 +25,7 @@ declare -A OPTIONS=(
 for name in plain min-snr logit-normal cosine; do
   sets=()
   [[ -n "${OPTIONS[$name]}" ]] && sets=(--set "${OPTIONS[$name]}")
-  nrdm lab image --out "$OUT/$PRESET-$name" "${GRID[@]}" "${sets[@]}"
+  out="$OUT/$PRESET-$name"
+  [[ $name == plain ]] && out=${PLAIN_OUT:-$out}
+  nrdm lab image --out "$out" "${GRID[@]}" "${sets[@]}"
 done
