@@ -86,6 +86,20 @@ def test_lab_keys_cannot_be_overridden():
     assert cosine.train.lr_schedule == "cosine"
 
 
+def test_preset_cells_take_model_overrides_but_their_depth_and_variant():
+    """A preset cell keeps the preset's model, so a model key other than the cell's own depth and
+    variant is the user's (the DiMR ablation, gate sharing); a proxy cell builds its whole model."""
+    ablation = ImageCell("digits-dimr", "preset", "nrdm", 5, 0.0, 0, overrides=("model.first_branch=convnext",))
+    assert ablation.config().model.first_branch == "convnext"
+    shared = ImageCell("digits-flow", "preset", "adaln-zero", 6, 0.0, 0, overrides=("model.gate_source=shared",))
+    assert (shared.config().model.gate_source, shared.config().model.variant) == ("shared", "adaln-zero")
+    for key in ("model.depth=3", "model.variant=resnet"):
+        with pytest.raises(ValueError, match="the lab sets these keys itself.*--depths/--variants"):
+            ImageCell("digits", "preset", "nrdm", 2, 0.0, 0, overrides=(key,)).config()
+    with pytest.raises(ValueError, match="the lab sets these keys itself.*--width/--depth"):
+        ImageCell("digits", "flow", "nrdm", 2, 0.0, 0, overrides=("model.gate_source=shared",)).config()
+
+
 def test_cells_sample_with_the_study_protocol_whatever_the_preset_default(monkeypatch):
     """Every cell is scored with the study's sampler, also when a preset's sampling default
     changes (cells of a grid run sessions apart stay comparable); the guidance scale is the

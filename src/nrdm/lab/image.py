@@ -32,16 +32,21 @@ STUDY_SAMPLING = dict(sampler="dpm++2m", spacing="uniform", guidance_interval=No
                       cache_interval=1, precision="fp32", compile=False)
 STUDY_SAMPLE_STEPS = {"preset": 25, "proxy": 20}     # preset cells; narrow proxy transformers
 
-# config keys an image cell sets from its own fields and options
-LAB_KEYS = ("model.", "diffusion.gamma", "diffusion.penalty_units", "train.steps", "train.batch_size", "train.lr",
+# config keys an image cell sets from its own fields and options. A proxy cell builds its whole model
+# from --width/--depth/--heads/--patch-size/--variants; a preset cell keeps the preset's model and sets
+# only its depth and residual form, so its other model keys (first_branch, gate_source, ...) are the user's.
+LAB_KEYS = ("diffusion.gamma", "diffusion.penalty_units", "train.steps", "train.batch_size", "train.lr",
             "train.seed", "train.warmup_steps", "train.precision", "train.log_every", "train.eval_every",
             "train.eval_n", "train.ckpt_every", "train.keep_last", "train.diagnostics_every",
             "train.divergence_factor", "sample.n", "sample.steps") + tuple(f"sample.{key}" for key in STUDY_SAMPLING)
+LAB_MODEL_KEYS = {"preset": ("model.depth", "model.variant"), "proxy": ("model.",)}
 
 
-def _is_lab_key(key: str) -> bool:
-    """Whether the lab sets `key` itself (entries ending in "." cover a whole section)."""
-    return any(key.startswith(k) if k.endswith(".") else key == k for k in LAB_KEYS)
+def _is_lab_key(key: str, backbone: str) -> bool:
+    """Whether the lab sets `key` itself in a cell of `backbone` (entries ending in "." cover a whole
+    section)."""
+    owned = LAB_KEYS + LAB_MODEL_KEYS["preset" if backbone == "preset" else "proxy"]
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in owned)
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,12 @@ class ImageCell:
         return key
 
     def config(self, eval_points: int = 3, eval_n: int = 250, snapshots: int = 3):
-        taken = [o for o in self.overrides if _is_lab_key(o.split("=")[0].strip())]
+        taken = [o for o in self.overrides if _is_lab_key(o.split("=")[0].strip(), self.backbone)]
         if taken:
-            raise ValueError(f"{taken}: the lab sets these keys itself (model from --width/--depth/--heads/"
-                             f"--patch-size/--variants, training from --steps/--batch-size/--lr/--seeds/--gammas)")
+            model = ("model.depth and model.variant from --depths/--variants" if self.backbone == "preset" else
+                     "the model from --width/--depth/--heads/--patch-size/--variants")
+            raise ValueError(f"{taken}: the lab sets these keys itself ({model}, training from --steps/--batch-size/"
+                             f"--lr/--seeds/--gammas, the evaluation sampler from the study protocol)")
         cfg = load_config(self.preset, list(self.overrides))
         if self.backbone == "preset":
             cfg.model = dataclasses.replace(cfg.model, depth=self.depth, variant=self.variant)
