@@ -1,11 +1,12 @@
 """The training loop end to end on tiny configs: exact resume, DDP equivalence, non-finite
 steps, and the CLI."""
 import functools
-from pathlib import Path
+import importlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,33 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
     assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
     steps = [json.loads(line).get("step") for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(4) == 1            # no duplicate records after resume
+
+
+def test_an_evaluation_lost_to_a_stop_is_made_on_resume(tiny_config, tmp_path, monkeypatch):
+    """A stop after step 2's checkpoint but during its evaluation: the resumed run evaluates step 2
+    first and gets what the uninterrupted run got (the same EMA weights and sampling seeds)."""
+    evaluate_mod = importlib.import_module("nrdm.metrics.evaluate")      # the module, not nrdm.metrics' function
+
+    cfg = tiny_config("train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.eval_n=10")
+    train(cfg, tmp_path / "straight", progress=False)
+
+    def stop(*args, **kwargs):
+        raise Interrupt()
+
+    real_evaluate = evaluate_mod.evaluate
+    monkeypatch.setattr(evaluate_mod, "evaluate", stop)
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(evaluate_mod, "evaluate", real_evaluate)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+
+    def evaluations(run):
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["eval"]) for r in records if "eval" in r]
+
+    assert [step for step, _ in evaluations(tmp_path / "resumed")] == [2, 4]
+    assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "straight")
 
 
 def test_resume_refuses_a_changed_model(tiny_config, tmp_path):

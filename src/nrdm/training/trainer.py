@@ -112,6 +112,13 @@ class JsonlLog:
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(self.path)
 
+    def has(self, step: int, key: str) -> bool:
+        """Whether a record of `step` carries `key` (e.g. an evaluation)."""
+        if not (self.enabled and self.path.exists()):
+            return False
+        records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
+        return any(record.get("step") == step and key in record for record in records)
+
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
@@ -248,6 +255,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
     bar = tqdm(total=tc.steps, initial=run.start_step, disable=not (progress and run.env.is_main), desc="train",
                dynamic_ncols=True)
     window = StatsWindow()
+    _evaluate_if_missed(run)
     for step in range(run.start_step, tc.steps):
         done = step + 1
         diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
@@ -440,11 +448,24 @@ def _after_step(run: Run, done: int) -> None:
                              env.device, run.prompts)
         run.log.images(grid, done)
     if env.is_main and tc.eval_every and done % tc.eval_every == 0:
-        from nrdm.metrics.evaluate import evaluate
-        result = evaluate(run.ema.model, run.schedule, run.cfg, n=tc.eval_n, device=env.device, progress=False)
-        run.log.write({"step": done, "eval": result["metrics"],
-                       "eval_protocol": {k: result["protocol"][k] for k in
-                                         ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")}})
+        _evaluate(run, done)
+
+
+def _evaluate(run: Run, done: int) -> None:
+    from nrdm.metrics.evaluate import evaluate
+    result = evaluate(run.ema.model, run.schedule, run.cfg, n=run.cfg.train.eval_n, device=run.env.device,
+                      progress=False)
+    run.log.write({"step": done, "eval": result["metrics"],
+                   "eval_protocol": {k: result["protocol"][k] for k in
+                                     ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")}})
+
+
+def _evaluate_if_missed(run: Run) -> None:
+    """A run stopped after the checkpoint of a step but before that step's evaluation resumes from
+    that checkpoint: evaluate it now, with the same EMA weights, so no point of the curve is lost."""
+    tc, done = run.cfg.train, run.start_step
+    if run.env.is_main and done > 0 and tc.eval_every and done % tc.eval_every == 0 and not run.log.has(done, "eval"):
+        _evaluate(run, done)
 
 
 def _save(run: Run, done: int) -> None:
