@@ -90,29 +90,33 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
 
 
 def test_an_evaluation_lost_to_a_stop_is_made_on_resume(tiny_config, tmp_path, monkeypatch):
-    """A stop after step 2's checkpoint but during its evaluation: the resumed run evaluates step 2
+    """A stop after step 4's checkpoint but during its evaluation: the resumed run evaluates step 4
     first and gets what the uninterrupted run got (the same EMA weights and sampling seeds)."""
     evaluate_mod = importlib.import_module("nrdm.metrics.evaluate")      # the module, not nrdm.metrics' function
-
-    cfg = tiny_config("train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.eval_n=10")
+    cfg = tiny_config("train.steps=6", "train.ckpt_every=2", "train.eval_every=2", "train.eval_n=10")
     train(cfg, tmp_path / "straight", progress=False)
 
-    def stop(*args, **kwargs):
-        raise Interrupt()
-
     real_evaluate = evaluate_mod.evaluate
-    monkeypatch.setattr(evaluate_mod, "evaluate", stop)
+    calls = {"n": 0}
+
+    def stop_in_the_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Interrupt()
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", stop_in_the_second)
     with pytest.raises(Interrupt):
         train(cfg, tmp_path / "resumed", progress=False)
     monkeypatch.setattr(evaluate_mod, "evaluate", real_evaluate)
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000004"
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
 
     def evaluations(run):
         records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         return [(r["step"], r["eval"]) for r in records if "eval" in r]
 
-    assert [step for step, _ in evaluations(tmp_path / "resumed")] == [2, 4]
+    assert [step for step, _ in evaluations(tmp_path / "resumed")] == [2, 4, 6]
     assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "straight")
 
 
