@@ -21,3 +21,6 @@ nrdm lab image --out "$OUT/convnext-first" --preset digits-dimr --depths 5 --var
   --steps "$DIMR_STEPS" --set model.first_branch=convnext "${COMMON[@]}"
 nrdm lab image --out "$OUT/adaln-zero" --preset digits-dimr --depths 5 --variants adaln-zero --seeds 0 \
   --steps "$DIMR_STEPS" "${COMMON[@]}"
+python "$(dirname "$0")/dimr_report.py" --flow "$FLOW_OUT/results.jsonl" --dimr "$OUT/compare/results.jsonl" \
+  --ablation "ConvNeXt first branch=$OUT/convnext-first/results.jsonl" --ablation "adaLN-Zero units=$OUT/adaln-zero/results.jsonl" \
+  --out "$OUT"
