@@ -59,6 +59,21 @@ class Interrupt(Exception):
     pass
 
 
+def interrupt_at_call(monkeypatch, module, name: str, call: int):
+    """Make `module.name` raise Interrupt on its `call`-th call; returns the real function."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Interrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+    return real
+
+
 def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
     """6 steps straight vs. 3 steps + crash in step 5 + resume: same model, EMA and optimizer.
     Dropout, label dropout, flips, accumulation and the penalty all draw randomness."""
@@ -67,16 +82,8 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config(*extra)
     train(cfg, tmp_path / "straight", progress=False)
 
-    real_loss = trainer_mod.diffusion_loss
-    calls = {"n": 0}
-
-    def crash_in_step_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 4 + 1:         # first micro-batch of step 5 (2 micro-batches per step)
-            raise Interrupt()
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "diffusion_loss", crash_in_step_five)
+    # crash in the first micro-batch of step 5 (2 micro-batches per step)
+    real_loss = interrupt_at_call(monkeypatch, trainer_mod, "diffusion_loss", 2 * 4 + 1)
     with pytest.raises(Interrupt):
         train(cfg, tmp_path / "resumed", progress=False)
     monkeypatch.setattr(trainer_mod, "diffusion_loss", real_loss)
@@ -96,16 +103,7 @@ def test_an_evaluation_lost_to_a_stop_is_made_on_resume(tiny_config, tmp_path, m
     cfg = tiny_config("train.steps=6", "train.ckpt_every=2", "train.eval_every=2", "train.eval_n=10")
     train(cfg, tmp_path / "straight", progress=False)
 
-    real_evaluate = evaluate_mod.evaluate
-    calls = {"n": 0}
-
-    def stop_in_the_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Interrupt()
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate_mod, "evaluate", stop_in_the_second)
+    real_evaluate = interrupt_at_call(monkeypatch, evaluate_mod, "evaluate", 2)     # stop in step 4's evaluation
     with pytest.raises(Interrupt):
         train(cfg, tmp_path / "resumed", progress=False)
     monkeypatch.setattr(evaluate_mod, "evaluate", real_evaluate)
