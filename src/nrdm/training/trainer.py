@@ -251,11 +251,11 @@ class StatsWindow:
 
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | None) -> dict:
     run = _setup(cfg, out, resume, progress, env)
+    _evaluate_if_missed(run)                            # before the first window: not training time
     tc = run.cfg.train
     bar = tqdm(total=tc.steps, initial=run.start_step, disable=not (progress and run.env.is_main), desc="train",
                dynamic_ncols=True)
     window = StatsWindow()
-    _evaluate_if_missed(run)
     for step in range(run.start_step, tc.steps):
         done = step + 1
         diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
