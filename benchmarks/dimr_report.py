@@ -11,8 +11,6 @@ ablations run DiMR's step count (equal steps with the DiMR arm). Writes OUT/dimr
         --ablation "adaLN-Zero units=runs/dimr/adaln-zero/results.jsonl" --out runs/dimr
 """
 import argparse
-import json
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -20,22 +18,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nrdm.lab.grid import load_results  # noqa: E402
+from nrdm.lab.plots import curve_points  # noqa: E402
+
 
 def cells(path: str, preset: str, variant: str | None = None, depth: int | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["preset"] == preset and (variant is None or r["variant"] == variant)
+    return [r for r in load_results(path) if r["preset"] == preset and (variant is None or r["variant"] == variant)
             and (depth is None or r["depth"] == depth) and not r["diverged"]]
 
 
 def curve(rows: list[dict]) -> list[dict]:
     """Per evaluation step: mean and std over seeds of FID and class accuracy, and the seeds' FIDs."""
-    points = []
-    for step in sorted({p["step"] for r in rows for p in r["curve"]}):
-        at = [p for r in rows for p in r["curve"] if p["step"] == step]
-        fid, acc = [p["quality"] for p in at], [p["class_accuracy"] for p in at]
-        points.append(dict(step=step, fid=statistics.mean(fid), fid_std=statistics.pstdev(fid), seeds=fid,
-                           acc=statistics.mean(acc), acc_std=statistics.pstdev(acc)))
-    return points
+    accuracy = {p["step"]: p for p in curve_points(rows, "class_accuracy")}
+    return [dict(step=p["step"], fid=p["mean"], fid_std=p["std"], seeds=p["values"],
+                 acc=accuracy[p["step"]]["mean"], acc_std=accuracy[p["step"]]["std"])
+            for p in curve_points(rows, "quality")]
 
 
 def main() -> None:

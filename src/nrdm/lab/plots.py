@@ -236,19 +236,31 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
     return written
 
 
-def _curve(ax, records, x_field: str, y_field: str, style: str, color, label: str) -> None:
-    """Mean +- std over seeds of y at each evaluation step, at x = the step or the mean over seeds
-    of the training seconds by then."""
+def curve_points(records: list[dict], y_field: str, x_field: str = "step") -> list[dict]:
+    """Mean +- std over seeds of y at each evaluation step that has finite x and y values: x is the
+    mean over seeds of x_field (the step itself, or the training seconds by then); `values` are
+    the seeds' own y values."""
     ys, xs = defaultdict(list), defaultdict(list)
     for r in records:
         for point in r["curve"]:
             ys[point["step"]].append(point.get(y_field))
             xs[point["step"]].append(point.get(x_field))
-    steps = [s for s in sorted(ys) if _mean_std(ys[s])[2] and _mean_std(xs[s])[2]]
-    if not steps:
+    points = []
+    for step in sorted(ys):
+        (mean, std, n), (x, _, n_x) = _mean_std(ys[step]), _mean_std(xs[step])
+        if n and n_x:
+            points.append(dict(step=step, x=x, mean=mean, std=std, values=[v for v in ys[step] if v is not None]))
+    return points
+
+
+def _curve(ax, records, x_field: str, y_field: str, style: str, color, label: str) -> None:
+    """Mean +- std over seeds of y at each evaluation step, at x = the step or the mean over seeds
+    of the training seconds by then."""
+    points = curve_points(records, y_field, x_field)
+    if not points:
         return
-    x = np.array([_mean_std(xs[s])[0] for s in steps])
-    m, sd = np.array([_mean_std(ys[s])[0] for s in steps]), np.array([_mean_std(ys[s])[1] for s in steps])
+    x = np.array([p["x"] for p in points])
+    m, sd = np.array([p["mean"] for p in points]), np.array([p["std"] for p in points])
     ax.plot(x, m, style, color=color, label=label, markersize=3)
     ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.15)
 
