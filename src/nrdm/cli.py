@@ -282,7 +282,7 @@ def _autoencoder(args) -> int:
 
 def _lab(args) -> int:
     from nrdm.lab.grid import load_results, product, run_grid
-    from nrdm.lab.plots import format_rows, plot_all, summarize, write_csv
+    from nrdm.lab.plots import format_rows, plot_all, study_cost, summarize, write_csv
 
     out = Path(args.out)
     fixed = dict(width=args.width, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -313,6 +313,7 @@ def _lab(args) -> int:
     print(format_rows(rows))
     print(f"{len(records)} cells in the study ({sum(c.key in done for c in cells)}/{len(cells)} of this command's); floor = {rows[0]['metric']} of real vs real data at the same n. "
           f"Wrote {out / 'summary.csv'}, {out / 'summary.md'} and {len(plots)} plots in {out / 'plots'}")
+    print(study_cost(records))
     return 0
 
 

@@ -3,6 +3,8 @@ and resumes; a diverging run is recorded with its step, not raised; the lab's ow
 overridden by mistake."""
 import dataclasses
 import functools
+import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from nrdm.config import load_config
 from nrdm.cli import main as cli_main
 from nrdm.lab.grid import load_results, run_grid
 from nrdm.lab.image import ImageCell
+from nrdm.lab.plots import study_cost
 from nrdm.training.divergence import DivergenceMonitor
 
 TINY = ("data.image_size=8", "sample.cfg_scale=1.0")
@@ -34,6 +37,8 @@ def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     for r in records:
         assert [p["step"] for p in r["curve"]] == [2, 4] and all(p["loss"] > 0 for p in r["curve"])
         assert 0 < r["curve"][0]["seconds"] < r["curve"][1]["seconds"] < r["seconds"]      # training time so far
+        log = [json.loads(line) for line in (Path(r["run_dir"]) / "log.jsonl").read_text().splitlines()]
+        assert (r["seconds"], r["cpu_seconds"]) == (log[-1]["wall_seconds"], log[-1]["cpu_seconds"])  # all invocations
         assert r["quality"] == r["curve"][-1]["quality"] == r["eval"]["fid"] and r["quality_floor"] >= 0
         assert len(r["sensitivity"]) >= 1 and all(len(v) == 2 * r["depth"] for v in r["sensitivity"].values())
         assert (tmp_path / "cells" / r["key"].replace("|", "_") / "samples").is_dir()
@@ -46,7 +51,10 @@ def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     assert {"digits-flow_quality_vs_steps_gamma0.png", "digits-flow_quality_vs_depth_gamma0.png",
             "digits-flow_sensitivity_gamma0.png", "digits-flow_gates_vs_time.png",
             "digits-flow_quality_vs_time_gamma0.png"} <= plots
-    assert "| digits-flow | resnet | 2 | 0 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| digits-flow | resnet | 2 | 0 |" in out
+    cpu_hours = sum(r["cpu_seconds"] for r in records) / 3600
+    assert f"cost: {cpu_hours:.2f} CPU-process-hours" in out and "over 4/4 cells" in out
     summary = (tmp_path / "summary.md").read_text()
     accuracies = [r["eval"]["class_accuracy"] for r in records if r["variant"] == "resnet" and r["depth"] == 2]
     assert "class accuracy" in summary and f"| {accuracies[0]:.3f} +- 0.000 |" in summary
@@ -133,3 +141,11 @@ def test_preset_cells_keep_the_presets_model_and_recipe():
     assert (cfg.model.variant, cfg.model.depth, cfg.train.seed, cfg.train.steps) == ("depth-mup", 8, 1, 40)
     assert cfg.train.lr == preset.train.lr and cfg.sample.cfg_scale == preset.sample.cfg_scale
     assert cell.setting == "digits" and cell.key == "digits|depth-mup|d8|g0|s1|n40"
+
+
+def test_study_cost_sums_the_cells_whose_logs_state_it():
+    records = [{"seconds": 5400.0, "cpu_seconds": 3600.0}, {"seconds": 9000.0, "cpu_seconds": 7200.0},
+               {"seconds": 60.0}]                                  # resumed from an older log: cost unknown
+    assert study_cost(records) == ("cost: 3.00 CPU-process-hours, 4.00 process wall-clock hours, "
+                                   "over 2/3 cells")
+    assert study_cost(records[2:]) == "cost: no cell's log states its CPU time"

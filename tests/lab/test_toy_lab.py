@@ -47,6 +47,8 @@ def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     for r in records:                                            # every record carries the common schema
         assert len(r["curve"]) == 5 and r["curve"][-1]["step"] == 6 and r["final_loss"] > 0
         assert len(r["sensitivity"]["6"]) == r["depth"] and abs(r["quality_floor"]) < r["quality"]
+        assert 0 < r["cpu_seconds"] and 0 < r["seconds"]
+    assert "over 8/8 cells" in out
     mtime = (tmp_path / "results.jsonl").stat().st_mtime_ns
     assert cli_main(args) == 0                                   # all cells done: nothing re-run
     assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime

@@ -118,6 +118,45 @@ def test_an_evaluation_lost_to_a_stop_is_made_on_resume(tiny_config, tmp_path, m
     assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "straight")
 
 
+def test_the_logged_cost_of_a_resumed_run_counts_each_step_once(tiny_config, tmp_path, monkeypatch):
+    """A fake clock that advances 1 wall and 0.5 CPU second per loss call: a run stopped in step 5
+    and resumed from step 3's checkpoint costs what the straight run does (steps 4 and 5 of the
+    stopped process are redone, and counted once); resumed from a log that does not state its
+    cost, it leaves the cost out rather than restart it at zero."""
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(trainer_mod.RunClock, "timers", (lambda: clock["wall"], lambda: clock["cpu"]))
+    real_loss = trainer_mod.diffusion_loss
+
+    def ticking_loss(*args, **kwargs):
+        clock["wall"] += 1.0
+        clock["cpu"] += 0.5
+        return real_loss(*args, **kwargs)
+
+    def costs(run):
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("wall_seconds"), r.get("cpu_seconds")) for r in records]
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", ticking_loss)
+    cfg = tiny_config("train.steps=6", "train.ckpt_every=3", "train.log_every=1")
+    train(cfg, tmp_path / "straight", progress=False)
+    assert costs(tmp_path / "straight") == [(0, 0.0, 0.0)] + [(s, float(s), s / 2) for s in range(1, 7)]
+
+    interrupt_at_call(monkeypatch, trainer_mod, "diffusion_loss", 5)          # in step 5
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", ticking_loss)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert costs(tmp_path / "resumed") == costs(tmp_path / "straight")
+
+    log = tmp_path / "resumed" / "log.jsonl"                                   # an older version's log
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.endswith("_seconds")}) + "\n"
+                           for r in records))
+    train(tiny_config("train.steps=8", "train.ckpt_every=3", "train.log_every=1"), tmp_path / "resumed",
+          resume=True, progress=False)
+    assert [c for c in costs(tmp_path / "resumed") if c[0] > 6] == [(7, None, None), (8, None, None)]
+
+
 def test_resume_refuses_a_changed_model(tiny_config, tmp_path):
     train(tiny_config("train.steps=3"), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"model.variant: 'nrdm' -> 'resnet'"):

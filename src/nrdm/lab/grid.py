@@ -11,7 +11,8 @@ Every cell runner returns a record with the same fields, whatever the setting:
     final_loss, curve [{step, loss, quality}]       training curves
     sensitivity {step: [||dL/dz_i|| per unit]}      residual sensitivity at several steps
     gates {t: [...], alpha_mean: [...], ...}        gate means against diffusion time
-    diverged, diverged_step, seconds
+    diverged, diverged_step, seconds                wall-clock seconds the cell took (image cells: over all
+    cpu_seconds                                     its invocations, from its log) and its CPU seconds
 """
 from __future__ import annotations
 

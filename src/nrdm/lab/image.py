@@ -130,16 +130,20 @@ class ImageCell:
         else:
             record["gates"] = _gates(cfg, out)
         record["quality_floor"] = _image_floor(cfg.data, eval_n)
-        record["seconds"] = time.time() - start
+        # what the cell cost over all its invocations, from its log; else (a run resumed from an older
+        # log) only this invocation's wall-clock
+        record["seconds"] = record.pop("wall_seconds", None) or time.time() - start
         return record
 
 
 def _read_log(path: Path) -> dict:
     """Curves from a run's JSONL log: loss at every logged step, FID, class accuracy and the
-    training seconds so far at every evaluation, adjoint norms at every diagnostics step."""
+    training seconds so far at every evaluation, adjoint norms at every diagnostics step; and the
+    run's cost (wall_seconds, cpu_seconds: evaluations included) where its last record states it."""
     losses, curve, sensitivity, last_eval = {}, [], {}, None
     seconds, last_step = 0.0, 0              # training wall-clock, summed from the logged windows
-    for rec in (json.loads(line) for line in path.read_text().splitlines() if line.strip()):
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for rec in records:
         if "eval" in rec:
             last_eval = rec["eval"]
             curve.append({"step": rec["step"], "quality": rec["eval"]["fid"], "class_accuracy":
@@ -154,6 +158,7 @@ def _read_log(path: Path) -> dict:
     for point in curve:
         point["loss"] = losses.get(point["step"])
     out = {"curve": curve, "sensitivity": sensitivity}
+    out.update({k: records[-1][k] for k in ("wall_seconds", "cpu_seconds") if records and k in records[-1]})
     if losses:
         out["final_loss"] = losses[max(losses)]
     if last_eval is not None:

@@ -56,8 +56,19 @@ def summarize(records: list[dict]) -> list[dict]:
                      "class_accuracy_mean": a_mean, "class_accuracy_std": a_std,
                      "quality_floor": _mean_std([r.get("quality_floor") for r in rs])[0],
                      "sensitivity_ratio": math.exp(float(np.mean(ratios))) if ratios else math.nan,
-                     "minutes_per_seed": float(np.mean([r["seconds"] for r in rs])) / 60})
+                     "minutes_per_seed": float(np.mean([r["seconds"] for r in rs])) / 60,
+                     "cpu_minutes_per_seed": _mean_std([r.get("cpu_seconds") for r in rs])[0] / 60})
     return rows
+
+
+def study_cost(records: list[dict]) -> str:
+    """One line on what the cells cost: CPU-process-hours and wall-clock hours summed over the
+    cells whose logs state their CPU time (image cells run by this version; see RunClock)."""
+    known = [r for r in records if r.get("cpu_seconds") is not None]
+    if not known:
+        return "cost: no cell's log states its CPU time"
+    cpu, wall = (sum(r[k] for r in known) / 3600 for k in ("cpu_seconds", "seconds"))
+    return f"cost: {cpu:.2f} CPU-process-hours, {wall:.2f} process wall-clock hours, over {len(known)}/{len(records)} cells"
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:

@@ -119,6 +119,13 @@ class JsonlLog:
         records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
         return any(record.get("step") == step and key in record for record in records)
 
+    def last(self) -> dict | None:
+        """The last record, or None."""
+        if not (self.enabled and self.path.exists()):
+            return None
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        return json.loads(lines[-1]) if lines else None
+
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
@@ -207,6 +214,7 @@ class Run:
     timestep_density: torch.Tensor | None = None   # training distribution of the steps (None: uniform)
     start_step: int = 0
     bad_steps: int = 0
+    clock: RunClock | None = None       # the run's cost so far, in every log record
     last_loss: float = float("nan")
 
     @property
@@ -247,6 +255,38 @@ class StatsWindow:
         start = time.perf_counter()
         yield
         self.t0 += time.perf_counter() - start
+
+
+class RunClock:
+    """What the run has cost so far: wall-clock seconds and this process's CPU seconds (all its
+    threads) since step 0, evaluations and checkpoints included. Every log record carries both
+    (`wall_seconds`, `cpu_seconds`), and a resumed run continues from the last record it keeps:
+    work that a stopped process did after that record is redone and counted once, and the time
+    between that record and the checkpoint (a save, a sample grid) is not counted. A run resumed
+    from a log whose last record lacks these fields (older versions) has an unknown cost, and its
+    records leave them out."""
+
+    KEYS = ("wall_seconds", "cpu_seconds")
+    timers = (time.perf_counter, time.process_time)
+
+    def __init__(self, wall_seconds: float = 0.0, cpu_seconds: float = 0.0, known: bool = True):
+        self.offset, self.known = (wall_seconds, cpu_seconds), known
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float]:
+        return tuple(timer() for timer in self.timers)
+
+    @classmethod
+    def resume(cls, log: "JsonlLog", step: int) -> "RunClock":
+        if step == 0:
+            return cls()
+        last = log.last()
+        return cls(*(last[k] for k in cls.KEYS)) if last is not None and cls.KEYS[0] in last else cls(known=False)
+
+    def fields(self) -> dict:
+        if not self.known:
+            return {}
+        return {k: round(offset + t - t0, 3) for k, offset, t, t0 in zip(self.KEYS, self.offset, self._now(), self.start)}
 
 
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | None) -> dict:
@@ -339,9 +379,10 @@ def _setup(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         run.start_step, run.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
     run.timestep_density = run.loss_cfg.timestep_density(run.schedule)     # once, not per step
     run.log.truncate_after(run.start_step)
+    run.clock = RunClock.resume(run.log, run.start_step)
     if env.is_main and run.start_step == 0:
         run.log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
-                       "config": cfg.to_dict()})
+                       "config": cfg.to_dict(), **run.clock.fields()})
     return run
 
 
@@ -429,7 +470,7 @@ def _apply_update(run: Run, result: StepResult, done: int, bar) -> torch.Tensor 
 
 
 def _log_stats(run: Run, window: StatsWindow, result: StepResult, done: int, bar) -> None:
-    record = window.record(done, result.grad_norm, result.lr, run.cfg.train.batch_size)
+    record = window.record(done, result.grad_norm, result.lr, run.cfg.train.batch_size) | run.clock.fields()
     if run.loss_cfg.gamma == 0:
         record.pop("penalty")
     if result.tracer is not None:
@@ -457,7 +498,8 @@ def _evaluate(run: Run, done: int) -> None:
                       progress=False)
     run.log.write({"step": done, "eval": result["metrics"],
                    "eval_protocol": {k: result["protocol"][k] for k in
-                                     ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")}})
+                                     ("n_fake", "n_real", "split", "feature_network_sha256", "sampler", "steps")},
+                   **run.clock.fields()})
 
 
 def _evaluate_if_missed(run: Run) -> None:
