@@ -282,6 +282,7 @@ def _autoencoder(args) -> int:
 
 def _lab(args) -> int:
     from nrdm.lab.grid import load_results, product, run_grid
+    from nrdm.lab.compare import format_comparison
     from nrdm.lab.plots import format_rows, plot_all, study_cost, summarize, write_csv
 
     out = Path(args.out)
@@ -309,10 +310,12 @@ def _lab(args) -> int:
     rows = summarize(records)
     write_csv(rows, out / "summary.csv")
     (out / "summary.md").write_text(format_rows(rows) + "\n")
+    (out / "comparison.md").write_text(format_comparison(records, args.reference))
     plots = plot_all(records, out / "plots")
     print(format_rows(rows))
     print(f"{len(records)} cells in the study ({sum(c.key in done for c in cells)}/{len(cells)} of this command's); floor = {rows[0]['metric']} of real vs real data at the same n. "
-          f"Wrote {out / 'summary.csv'}, {out / 'summary.md'} and {len(plots)} plots in {out / 'plots'}")
+          f"Wrote {out / 'summary.csv'}, {out / 'summary.md'}, {out / 'comparison.md'} and {len(plots)} plots in "
+          f"{out / 'plots'}")
     print(study_cost(records))
     return 0
 
@@ -502,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--eval-n", type=int, default=defaults["eval_n"], help="samples per quality evaluation")
         q.add_argument("--shard", default="0/1", help="I/N: run every N-th cell from the I-th (N processes, one grid)")
         q.add_argument("--report-only", action="store_true", help="only summarise and plot the finished cells")
+        q.add_argument("--reference", default="adaln-zero", choices=VARIANTS,
+                       help="the form every other is compared with, seed by seed, in comparison.md")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=_lab)
     toy.add_argument("--sample-steps", type=int, default=20)

@@ -33,7 +33,7 @@ def test_toy_denoiser_units_are_identity_at_init():
 def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     args = ["lab", "toy", "--out", str(tmp_path), "--variants", "nrdm", "resnet", "--depths", "2", "4",
             "--gammas", "0", "0.01", "--seeds", "0", "--steps", "6", "--batch-size", "32", "--eval-n", "60",
-            "--sample-steps", "3", "--no-progress"]
+            "--sample-steps", "3", "--no-progress", "--reference", "resnet"]
     assert cli_main(args) == 0
     records = load_results(tmp_path / "results.jsonl")
     assert len(records) == 8 and all(not r["diverged"] for r in records)
@@ -49,6 +49,9 @@ def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
         assert len(r["sensitivity"]["6"]) == r["depth"] and abs(r["quality_floor"]) < r["quality"]
         assert 0 < r["cpu_seconds"] and 0 < r["seconds"]
     assert "over 8/8 cells" in out
+    comparison = (tmp_path / "comparison.md").read_text()
+    assert "### toy-gmm2d, depth 4, gamma 0.01" in comparison and "| nrdm | 1 | 1: " in comparison
+    assert "Paired by seed, against resnet" in comparison
     mtime = (tmp_path / "results.jsonl").stat().st_mtime_ns
     assert cli_main(args) == 0                                   # all cells done: nothing re-run
     assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime

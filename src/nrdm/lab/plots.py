@@ -23,7 +23,8 @@ def _quality_axis(ax, floor: float) -> None:
         ax.set_yscale("symlog", linthresh=0.01)
         ax.set_ylim(bottom=min(floor, 0.0) - 0.002 if math.isfinite(floor) else None)
 
-def _mean_std(values):
+def mean_std(values) -> tuple[float, float, int]:
+    """Mean, population std and count of the finite values (None and NaN are left out)."""
     a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     return (float(a.mean()), float(a.std()), len(a)) if len(a) else (math.nan, math.nan, 0)
 
@@ -46,18 +47,18 @@ def summarize(records: list[dict]) -> list[dict]:
         groups[(r["setting"], r["variant"], r["depth"], r["gamma"])].append(r)
     rows = []
     for (setting, variant, depth, gamma), rs in sorted(groups.items()):
-        q_mean, q_std, _ = _mean_std([r.get("quality") for r in rs])
-        l_mean, l_std, _ = _mean_std([r.get("final_loss") for r in rs])
-        a_mean, a_std, _ = _mean_std([(r.get("eval") or {}).get("class_accuracy") for r in rs])
+        q_mean, q_std, _ = mean_std([r.get("quality") for r in rs])
+        l_mean, l_std, _ = mean_std([r.get("final_loss") for r in rs])
+        a_mean, a_std, _ = mean_std([(r.get("eval") or {}).get("class_accuracy") for r in rs])
         ratios = [math.log(x) for x in map(sensitivity_ratio, rs) if x]
         rows.append({"setting": setting, "variant": variant, "depth": depth, "gamma": gamma, "seeds": len(rs),
                      "diverged": sum(r["diverged"] for r in rs), "metric": rs[0]["metric"],
                      "quality_mean": q_mean, "quality_std": q_std, "loss_mean": l_mean, "loss_std": l_std,
                      "class_accuracy_mean": a_mean, "class_accuracy_std": a_std,
-                     "quality_floor": _mean_std([r.get("quality_floor") for r in rs])[0],
+                     "quality_floor": mean_std([r.get("quality_floor") for r in rs])[0],
                      "sensitivity_ratio": math.exp(float(np.mean(ratios))) if ratios else math.nan,
                      "minutes_per_seed": float(np.mean([r["seconds"] for r in rs])) / 60,
-                     "cpu_minutes_per_seed": _mean_std([r.get("cpu_seconds") for r in rs])[0] / 60})
+                     "cpu_minutes_per_seed": mean_std([r.get("cpu_seconds") for r in rs])[0] / 60})
     return rows
 
 
@@ -114,7 +115,7 @@ def plot_all(records: list[dict], out_dir: str | Path) -> list[Path]:
 def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> list[Path]:
     written = []
     metric = records[0]["metric"]
-    floor = _mean_std([r.get("quality_floor") for r in records])[0]
+    floor = mean_std([r.get("quality_floor") for r in records])[0]
     deepest = max(r["depth"] for r in records)
     gammas = sorted({r["gamma"] for r in records})
 
@@ -130,7 +131,7 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
                         by_step[point["step"]].append(point.get(field))
                 if by_step:
                     steps = sorted(by_step)
-                    stats = [_mean_std(by_step[s]) for s in steps]
+                    stats = [mean_std(by_step[s]) for s in steps]
                     m, sd = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
                     ax.plot(steps, m, "o-", color=colors[v], label=f"{v} ({len(rs)} seeds)")
                     ax.fill_between(steps, m - sd, m + sd, color=colors[v], alpha=0.2)
@@ -258,7 +259,7 @@ def curve_points(records: list[dict], y_field: str, x_field: str = "step") -> li
             xs[point["step"]].append(point.get(x_field))
     points = []
     for step in sorted(ys):
-        (mean, std, n), (x, _, n_x) = _mean_std(ys[step]), _mean_std(xs[step])
+        (mean, std, n), (x, _, n_x) = mean_std(ys[step]), mean_std(xs[step])
         if n and n_x:
             points.append(dict(step=step, x=x, mean=mean, std=std, values=[v for v in ys[step] if v is not None]))
     return points
