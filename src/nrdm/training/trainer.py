@@ -9,7 +9,7 @@ Design (after nanoGPT's train.py and EDM2's loop):
 - A step whose gradient norm (or, under fp16 loss scaling, whose loss) is not finite is skipped
   and logged; `max_bad_steps` consecutive such steps stop training with a clear message. With
   `divergence_factor` > 0, a finite loss above that multiple of its running minimum stops it too.
-- Rank 0 logs JSONL (step, loss, grad norm, lr, steps/s, images/s, diagnostics) and stdout,
+- Rank 0 logs JSONL (step, loss, grad norm, lr, steps/s, images/s, diagnostics, the run's cost so far) and stdout,
   writes checkpoints (atomically) and sample grids from the EMA weights with fixed seeds.
 The trainer never looks at the residual variant: it sees a backbone and a loss.
 """
