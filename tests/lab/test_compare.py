@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from nrdm.lab.compare import curve_table, format_comparison, paired_ratios, ratio_table
+from nrdm.lab.compare import curve_table, format_comparison, paired_ratios, ratio_table, verdict
 
 
 def record(variant, seed, qualities, setting="digits-flow", depth=6, accuracy=0.9, loss=0.03):
@@ -58,3 +58,10 @@ def test_comparison_groups_settings_and_depths():
     assert "| nrdm | 1 | 10: 3 |" in deep
     assert "against adaln-zero" not in text.split("### fashion")[1]       # no reference there: no ratios
     assert math.isclose(paired_ratios(records[2:4], "nrdm", "adaln-zero")[0]["mean"], 3.0)
+
+
+@pytest.mark.parametrize("mean, std, n, expected", [(0.8, 0.1, 3, "lower"), (0.8, 0.25, 3, "level"),
+                                                    (1.3, 0.2, 3, "higher"), (1.3, 0.4, 3, "level"),
+                                                    (0.5, 0.0, 1, "level")])
+def test_verdict_needs_the_spread_to_exclude_one(mean, std, n, expected):
+    assert verdict({"mean": mean, "std": std, "n": n}) == expected

@@ -79,6 +79,16 @@ def paired_ratios(records: list[dict], variant: str, reference: str) -> list[dic
     return out
 
 
+def verdict(ratio: dict) -> str:
+    """A paired ratio (paired_ratios' entry) read against 1: "lower" or "higher" when one std
+    around its mean excludes 1, else "level" (one seed: the sign alone is not a finding)."""
+    if ratio["n"] < 2:
+        return "level"
+    if ratio["mean"] + ratio["std"] < 1:
+        return "lower"
+    return "higher" if ratio["mean"] - ratio["std"] > 1 else "level"
+
+
 def ratio_table(records: list[dict], reference: str) -> str | None:
     """One setting x depth x gamma: each form's paired quality ratio against `reference` at every
     evaluation step; None when the reference form is not in the group."""
