@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nrdm.lab.grid import load_results  # noqa: E402
-from nrdm.lab.plots import curve_points  # noqa: E402
+from nrdm.lab.plots import curve_points, finish_quality_and_accuracy  # noqa: E402
 
 
 def cells(path: str, preset: str, variant: str | None = None, depth: int | None = None) -> list[dict]:
@@ -64,18 +64,8 @@ def main() -> None:
         ax_fid.errorbar(share, [p["fid"] for p in points], [p["fid_std"] for p in points], **style)
         ax_acc.errorbar(share, [p["acc"] for p in points], [p["acc_std"] for p in points], **style)
     floor = arms["flow (digits-flow)"][0]["quality_floor"] if arms["flow (digits-flow)"] else None
-    if floor:
-        ax_fid.axhline(floor, color="grey", ls=":", label="real vs real")
-    ax_fid.set(yscale="log", ylabel="FID (domain network)", title="FID (mean +- std over seeds)")
-    ax_acc.set(ylabel="class accuracy of the samples", title="class accuracy")
-    for ax in (ax_fid, ax_acc):
-        ax.set_xlabel("share of the training budget (equal wall-clock)")
-        ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(args.out) / "dimr_vs_flow.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = finish_quality_and_accuracy(fig, ax_fid, ax_acc, floor, "", "share of the training budget (equal wall-clock)",
+                                       Path(args.out) / "dimr_vs_flow.png")
     print(f"wrote {path}")
 
 

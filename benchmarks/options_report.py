@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from nrdm.config import load_config  # noqa: E402
 from nrdm.lab.compare import paired_ratios, verdict  # noqa: E402
 from nrdm.lab.grid import load_results  # noqa: E402
-from nrdm.lab.plots import curve_points  # noqa: E402
+from nrdm.lab.plots import curve_points, finish_quality_and_accuracy  # noqa: E402
 
 OPTIONS = ("min-snr", "logit-normal", "cosine")        # the names training_options.sh gives its grids
 
@@ -69,17 +69,8 @@ def main() -> None:
         for ax, field in ((ax_fid, "quality"), (ax_acc, "class_accuracy")):
             points = curve_points(rows, field)
             ax.errorbar([p["step"] for p in points], [p["mean"] for p in points], [p["std"] for p in points], **style)
-    ax_fid.axhline(arms["plain"][0]["quality_floor"], color="grey", ls=":", label="real vs real")
-    ax_fid.set(yscale="log", ylabel="FID (domain network)", title=f"{args.preset}: FID (mean +- std over seeds)")
-    ax_acc.set(ylabel="class accuracy of the samples", title="class accuracy")
-    for ax in (ax_fid, ax_acc):
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    ax_fid.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(args.out) / f"options-{args.preset}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = finish_quality_and_accuracy(fig, ax_fid, ax_acc, arms["plain"][0]["quality_floor"], f"{args.preset}: ",
+                                       "training step", Path(args.out) / f"options-{args.preset}.png")
     print(f"wrote {path}")
 
 

@@ -277,6 +277,25 @@ def _curve(ax, records, x_field: str, y_field: str, style: str, color, label: st
     ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.15)
 
 
+def finish_quality_and_accuracy(fig, ax_quality, ax_accuracy, floor: float | None, title: str, xlabel: str,
+                                path: str | Path) -> Path:
+    """The benchmark reports' two-panel figure (FID, class accuracy; mean +- std over seeds),
+    finished alike: the real-vs-real floor, log FID axis, labels, grid and legend; saved to path."""
+    if floor:
+        ax_quality.axhline(floor, color="grey", ls=":", label="real vs real")
+    ax_quality.set(yscale="log", ylabel="FID (domain network)", title=f"{title}FID (mean +- std over seeds)")
+    ax_accuracy.set(ylabel="class accuracy of the samples", title="class accuracy")
+    for ax in (ax_quality, ax_accuracy):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    ax_accuracy.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
     fig.tight_layout()
