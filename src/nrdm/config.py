@@ -116,6 +116,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     precision: str = "fp32"                 # fp32 | bf16 | fp16 (autocast)
     compile: bool = False
+    channels_last: bool = False             # NHWC model and image batches: pays for convs on GPU tensor cores
+                                            # and oneDNN bf16; slower for the U-Net on an AVX2 CPU (docs/performance.md)
     parallel: str = "ddp"                   # ddp | fsdp (under torchrun)
     device: str = "auto"                    # auto | cpu | cuda
     seed: int = 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,6 +177,39 @@ def test_resume_allows_changes_that_do_not_change_results(tiny_config, tmp_path)
         trainer_mod.check_resume_config(saved, tiny_config("model.width=16"))
     train(tiny_config("train.steps=4", "model.grad_checkpointing=true"), tmp_path, resume=True, progress=False)
     assert latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_channels_last_trains_nhwc_and_computes_the_same(tiny_config, tmp_path, monkeypatch):
+    """train.channels_last on RGB images: the conv U-Net's weights and every batch (images and
+    noise) are NHWC during training, the result equals the NCHW run up to the convs' rounding, and
+    the checkpoint resumes in NCHW."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):                                   # RGB images with no symmetry
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    rgb = ("data.name=folder", f"data.root={tmp_path / 'data'}")
+    train(tiny_config(*rgb), tmp_path / "nchw", progress=False)
+    seen = []
+    real_loss = trainer_mod.diffusion_loss
+
+    def checking_loss(model, x, condition, schedule, loss_cfg, **kwargs):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+                    and m.kernel_size[0] > 1)
+        nhwc = torch.channels_last
+        seen.append((x.shape[1] == 3, x.is_contiguous(memory_format=nhwc),
+                     kwargs["draws"].noise.is_contiguous(memory_format=nhwc),
+                     conv.weight.is_contiguous(memory_format=nhwc) and not conv.weight.is_contiguous()))
+        return real_loss(model, x, condition, schedule, loss_cfg, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", checking_loss)
+    train(tiny_config(*rgb, "train.channels_last=true"), tmp_path / "nhwc", progress=False)
+    assert seen and all(all(s) for s in seen), seen
+    assert_same_training(final_state(tmp_path / "nchw"), final_state(tmp_path / "nhwc"), tiny_config().train.lr, 6)
+    train(tiny_config(*rgb, "train.steps=8"), tmp_path / "nhwc", resume=True, progress=False)    # back to NCHW
+    assert latest_checkpoint(tmp_path / "nhwc").name == "step-00000008"
 
 
 def test_a_run_that_fails_at_once_leaves_no_directory(tiny_config, tmp_path):

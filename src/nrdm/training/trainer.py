@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,8 @@ from nrdm.utils.hardware import warn_if_slow_bf16
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.keep_every",
                      "train.sample_every",
                      "train.diagnostics_every", "train.eval_every", "train.eval_n", "train.max_bad_steps",
-                     "train.divergence_factor", "train.loggers", "train.compile", "train.device", "model.grad_checkpointing",
+                     "train.divergence_factor", "train.loggers", "train.compile", "train.channels_last", "train.device",
+                     "model.grad_checkpointing",
                      "data.num_workers", "data.root", "sample.")
 
 
@@ -340,6 +342,8 @@ def _setup(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
                          f"config expects {expected[0]}, {expected[1]}px, {cfg.data.frames} frames")
     torch.manual_seed(tc.seed)                       # same initial weights on every rank and every run
     model = build_model_from_config(cfg).to(env.device)
+    if tc.channels_last:                             # 4-D weights (convs) NHWC; the EMA copy inherits it
+        model = model.to(memory_format=torch.channels_last)
     if model.num_classes and dataset.num_classes > model.num_classes:
         raise ValueError(f"dataset has {dataset.num_classes} classes but the model {model.num_classes}; "
                          f"fix data.num_classes")
@@ -402,6 +406,9 @@ def _train_step(run: Run, step: int, diagnostics: bool) -> StepResult:
     for i, (x, y) in enumerate(micro_batches):
         d = draws.slice(i * stream.micro, (i + 1) * stream.micro).to(env.device)
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        if tc.channels_last and x.dim() == 4:          # images and noise NHWC, as the model's convs
+            x = x.contiguous(memory_format=torch.channels_last)
+            d = dataclasses.replace(d, noise=d.noise.contiguous(memory_format=torch.channels_last))
         last_micro = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (last_micro or not hasattr(run.wrapped, "no_sync")) else run.wrapped.no_sync()
         with sync:
