@@ -51,6 +51,10 @@ def test_validate_names_allowed_values():
         validate(load_config("digits", ["model.variant=highway"]))
     with pytest.raises(ValueError, match="train.steps=0"):
         validate(load_config("digits", ["train.steps=0"]))
+    # FSDP2 refuses non-contiguous parameters deep inside torchrun's workers: say so before starting
+    with pytest.raises(ValueError, match="channels_last with train.parallel=fsdp.*train.parallel=ddp"):
+        validate(load_config("digits", ["train.channels_last=true", "train.parallel=fsdp"]))
+    validate(load_config("digits", ["train.channels_last=true", "train.parallel=ddp"]))
 
 
 @pytest.mark.parametrize("name", presets())

@@ -220,6 +220,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
     if not 0.0 <= t.min_lr <= t.lr:
         raise ValueError(f"train.min_lr must lie in [0, train.lr={t.lr}], got {t.min_lr}")
+    if t.channels_last and t.parallel == "fsdp":
+        raise ValueError("train.channels_last with train.parallel=fsdp: FSDP shards only contiguous (NCHW) "
+                         "parameters; use train.parallel=ddp or train.channels_last=false")
     check_video(cfg.data)
     captioned = cfg.data.captions or dataset_spec(cfg.data.name).captioned
     if captioned != bool(cfg.model.text_encoder):
