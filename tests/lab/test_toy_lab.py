@@ -58,7 +58,7 @@ def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     assert len(load_results(tmp_path / "results.jsonl")) == 8
 
 
-def test_divergence_is_recorded_not_raised(tmp_path):
+def test_divergence_is_recorded_not_raised(tmp_path, capsys):
     cell = ToyCell("gmm2d", "resnet", 4, 0.0, 0, width=16, steps=300, batch_size=32, lr=1e4)
     result = cell.run(eval_n=50, sample_steps=3)
     assert result["diverged"] and result["diverged_step"] >= 1 and "quality" not in result
@@ -66,6 +66,9 @@ def test_divergence_is_recorded_not_raised(tmp_path):
     records = run_grid([cell, healthy], tmp_path / "r.jsonl", progress=False, eval_n=50, sample_steps=3)
     assert [r["diverged"] for r in records] == [True, False]     # the grid went on after the divergence
     assert json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])["key"] == cell.key
+    lines = capsys.readouterr().out.splitlines()                 # one line per finished cell
+    assert lines[0].startswith(f"[1/2] {cell.key}: diverged at step {records[0]['diverged_step']} (")
+    assert lines[1].startswith(f"[2/2] {healthy.key}: energy distance") and "CPU-min)" in lines[1]
 
 
 def test_shards_split_a_grid_exactly(tmp_path):

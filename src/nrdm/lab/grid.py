@@ -56,11 +56,23 @@ def run_grid(cells: list[Cell], results: str | Path, progress: bool = True, shar
     results.parent.mkdir(parents=True, exist_ok=True)
     done = {r["key"] for r in load_results(results)}
     todo = [c for c in cells[index::count] if c.key not in done]
-    for cell in tqdm(todo, desc="grid", disable=not progress):
-        line = json.dumps(cell.run(**run_kwargs)) + "\n"
+    for i, cell in enumerate(tqdm(todo, desc="grid", disable=not progress)):
+        record = cell.run(**run_kwargs)
         with open(results, "a") as f:
-            f.write(line)
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(f"[{i + 1}/{len(todo)}] {describe(record)}")     # one line per cell, also in a background log
     return load_results(results)
+
+
+def describe(record: dict) -> str:
+    """One line on a finished cell: its key, final quality (or divergence), class accuracy, cost."""
+    if record["diverged"]:
+        outcome = f"diverged at step {record['diverged_step']}"
+    else:
+        accuracy = (record.get("eval") or {}).get("class_accuracy")
+        outcome = f"{record['metric']} {record['quality']:.4g}" + (f", class accuracy {accuracy:.3f}" if accuracy is not None else "")
+    cpu = f", {record['cpu_seconds'] / 60:.1f} CPU-min" if record.get("cpu_seconds") is not None else ""
+    return f"{record['key']}: {outcome} ({record['seconds'] / 60:.1f} min{cpu})"
 
 
 def product(make: Callable[..., Cell], variants, depths, gammas, seeds, **fixed) -> list[Cell]:
