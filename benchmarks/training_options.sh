@@ -2,7 +2,7 @@
 # The training options against the plain loss at equal steps, 3 seeds, on the transformer presets
 # (opt-in; 35-45 CPU-minutes per run on this 2-core machine). Each option is its own lab grid, so each has its own
 # summary (FID and class accuracy, mean +- std over seeds) in runs/options/<preset>-<option>/, and at the end
-# benchmarks/options_report.py compares each option with the plain loss seed by seed (runs/options/options-<preset>.png).
+# benchmarks/arm_report.py compares each option with the plain loss seed by seed (runs/options/options-<preset>-nrdm.png).
 #   bash benchmarks/training_options.sh digits-flow        # plain, min-snr, logit-normal, cosine
 #   SHARD=0/2 bash benchmarks/training_options.sh digits-uvit & SHARD=1/2 bash ...   # 2 processes
 # The plain arm is the preset itself, exactly what the depth study's converged grid trains for nrdm at the
@@ -31,5 +31,6 @@ for name in plain min-snr logit-normal cosine; do
   nrdm lab image --out "$out" "${GRID[@]}" "${sets[@]}"
 done
 # the options against the plain loss, paired by seed (table and plot; on the cells finished so far)
-python "$(dirname "$0")/options_report.py" --preset "$PRESET" --options-dir "$OUT" --out "$OUT" \
-  ${PLAIN_OUT:+--plain "$PLAIN_OUT/results.jsonl"}
+arms=(--arm "plain=${PLAIN_OUT:-$OUT/$PRESET-plain}/results.jsonl")
+for name in min-snr logit-normal cosine; do arms+=(--arm "$name=$OUT/$PRESET-$name/results.jsonl"); done
+python "$(dirname "$0")/arm_report.py" --preset "$PRESET" --name options "${arms[@]}" --out "$OUT"
