@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from nrdm.lab.plots import mean_std, curve_points
+from nrdm.lab.plots import curve_points, mean_std
 
 
 def _groups(records: list[dict]) -> dict[tuple, list[dict]]:
