@@ -48,9 +48,10 @@ def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     csv = (tmp_path / "summary.csv").read_text().splitlines()
     assert len(csv) == 5 and all(line.startswith("digits-flow,") for line in csv[1:])
     plots = {p.name for p in (tmp_path / "plots").iterdir()}
-    assert {"digits-flow_quality_vs_steps_gamma0.png", "digits-flow_quality_vs_depth_gamma0.png",
-            "digits-flow_sensitivity_gamma0.png", "digits-flow_gates_vs_time.png",
-            "digits-flow_quality_vs_time_gamma0.png"} <= plots
+    assert {"digits-flow_quality_vs_depth_gamma0.png", "digits-flow_gates_vs_time.png",      # two depths: the
+            "digits-flow_quality_vs_time_gamma0.png", "digits-flow-d1_quality_vs_steps_gamma0.png",  # per-depth
+            "digits-flow-d2_quality_vs_steps_gamma0.png", "digits-flow-d1_sensitivity_gamma0.png",   # plots
+            "digits-flow-d2_sensitivity_gamma0.png"} <= plots                                        # say which
     out = capsys.readouterr().out
     assert "| digits-flow | resnet | 2 | 0 |" in out
     cpu_hours = sum(r["cpu_seconds"] for r in records) / 3600

@@ -40,8 +40,9 @@ def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     csv = (tmp_path / "summary.csv").read_text().splitlines()
     assert csv[0].startswith("setting,variant,depth,gamma,seeds,diverged,metric,quality_mean,quality_std") and len(csv) == 9
     plots = {p.name for p in (tmp_path / "plots").iterdir()}
-    assert {"toy-gmm2d_quality_vs_depth_gamma0.png", "toy-gmm2d_quality_vs_steps_gamma0.01.png",
-            "toy-gmm2d_sensitivity_gamma0.png", "toy-gmm2d_gates_vs_time.png"} <= plots
+    assert {"toy-gmm2d_quality_vs_depth_gamma0.png", "toy-gmm2d-d2_quality_vs_steps_gamma0.01.png",
+            "toy-gmm2d-d4_quality_vs_steps_gamma0.01.png", "toy-gmm2d-d4_sensitivity_gamma0.png",
+            "toy-gmm2d_gates_vs_time.png"} <= plots
     out = capsys.readouterr().out
     assert "| toy-gmm2d | resnet | 4 | 0.01 |" in out and "8 cells in the study (8/8" in out
     for r in records:                                            # every record carries the common schema

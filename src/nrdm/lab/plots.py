@@ -5,6 +5,7 @@ deviation, so a ranking is only read where it holds beyond the seed spread. One 
 setting (toy dataset, or image dataset x backbone), the setting's name in front of each file."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -118,12 +119,17 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
     floor = mean_std([r.get("quality_floor") for r in records])[0]
     deepest = max(r["depth"] for r in records)
     gammas = sorted({r["gamma"] for r in records})
+    depths = sorted({r["depth"] for r in records})
 
-    # 1. quality and loss against training steps (deepest depth, each gamma)
-    for gamma in gammas:
+    def prefix(depth: int) -> str:
+        """The per-depth plots of a setting with several depths carry the depth in their name."""
+        return setting if len(depths) == 1 else f"{setting}-d{depth}"
+
+    # 1. quality and loss against training steps (each depth and gamma)
+    for depth, gamma in itertools.product(depths, gammas):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for v in variants:
-            rs = [r for r in records if r["variant"] == v and r["gamma"] == gamma and r["depth"] == deepest]
+            rs = [r for r in records if r["variant"] == v and r["gamma"] == gamma and r["depth"] == depth]
             for ax, field in zip(axes, ("quality", "loss")):
                 by_step = defaultdict(list)
                 for r in rs:
@@ -141,8 +147,8 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
         _quality_axis(axes[0], floor)
         axes[1].set(xlabel="training step", ylabel="training loss (denoising MSE)", title="loss", yscale="log")
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"{setting}: depth {deepest}, gamma {gamma:g} (mean +- std over seeds)")
-        written.append(_save(fig, out_dir / f"{setting}_quality_vs_steps_gamma{gamma:g}.png"))
+        fig.suptitle(f"{setting}: depth {depth}, gamma {gamma:g} (mean +- std over seeds)")
+        written.append(_save(fig, out_dir / f"{prefix(depth)}_quality_vs_steps_gamma{gamma:g}.png"))
 
     # 1b. FID and class accuracy against steps and against training seconds, every depth: the
     # equal-wall-clock comparison (deeper or gated forms cost more per step)
@@ -167,7 +173,6 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
 
     # 2. quality against depth
     rows = summarize(records)
-    depths = sorted({r["depth"] for r in rows})
     for gamma in gammas:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for v in variants:
@@ -191,9 +196,9 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / f"{setting}_quality_vs_depth_gamma{gamma:g}.png"))
 
-    # 3. per-unit sensitivity ||dL/dz_i|| against unit index (deepest depth, first seed)
-    for gamma in gammas:
-        rs = [r for r in records if r["depth"] == deepest and r["gamma"] == gamma and r["sensitivity"]]
+    # 3. per-unit sensitivity ||dL/dz_i|| against unit index (each depth and gamma, first seed)
+    for depth, gamma in itertools.product(depths, gammas):
+        rs = [r for r in records if r["depth"] == depth and r["gamma"] == gamma and r["sensitivity"]]
         shown = [v for v in variants if any(r["variant"] == v for r in rs)]
         if not shown:
             continue
@@ -207,8 +212,8 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
             ax.set(title=v + (" (diverged)" if r["diverged"] else ""), xlabel="unit index (input -> output)", yscale="log")
         axes[0][0].set_ylabel("||dL/dz_i||")
         axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{setting}: residual sensitivity per unit (depth {deepest}, gamma {gamma:g}, seed {r['seed']})")
-        written.append(_save(fig, out_dir / f"{setting}_sensitivity_gamma{gamma:g}.png"))
+        fig.suptitle(f"{setting}: residual sensitivity per unit (depth {depth}, gamma {gamma:g}, seed {r['seed']})")
+        written.append(_save(fig, out_dir / f"{prefix(depth)}_sensitivity_gamma{gamma:g}.png"))
 
     # 4. sensitivity ratio (first unit / last unit) against depth: every seed as a dot, geometric mean as a line
     for gamma in gammas:
