@@ -55,6 +55,9 @@ def test_validate_names_allowed_values():
     with pytest.raises(ValueError, match="channels_last with train.parallel=fsdp.*train.parallel=ddp"):
         validate(load_config("digits", ["train.channels_last=true", "train.parallel=fsdp"]))
     validate(load_config("digits", ["train.channels_last=true", "train.parallel=ddp"]))
+    with pytest.raises(ValueError, match="fused_gates with train.parallel=fsdp.*model.fused_gates=false"):
+        validate(load_config("digits-flow", ["model.fused_gates=true", "train.parallel=fsdp"]))
+    validate(load_config("digits-flow", ["model.fused_gates=true", "train.parallel=ddp"]))
 
 
 @pytest.mark.parametrize("name", presets())

@@ -50,6 +50,7 @@ class ModelConfig:
     gate_init: str = "auto"
     gate_source: str = "cond"
     gate_shape: str = "channel"
+    fused_gates: bool = False               # all units' gate heads in one linear map (same function, checkpoints)
     input_conditioning: str = "auto"
     conditional: bool = True                # class-conditional when the data has labels
     text_encoder: str | None = None         # text-to-image: minilm | st:PATH | transformers path or hub name

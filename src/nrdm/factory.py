@@ -188,7 +188,8 @@ def validate(cfg: Config) -> None:
 
     build_schedule(cfg)
     build_loss_config(cfg)
-    UnitConfig(cfg.model.variant, cfg.model.gate_init, cfg.model.gate_source, cfg.model.gate_shape)
+    UnitConfig(cfg.model.variant, cfg.model.gate_init, cfg.model.gate_source, cfg.model.gate_shape,
+               cfg.model.fused_gates)
     t = cfg.train
     for name, value, allowed in [("train.precision", t.precision, ("fp32", "bf16", "fp16")),
                                  ("train.parallel", t.parallel, ("ddp", "fsdp")),
@@ -220,6 +221,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.ema_decay must lie in [0, 1), got {t.ema_decay}")
     if not 0.0 <= t.min_lr <= t.lr:
         raise ValueError(f"train.min_lr must lie in [0, train.lr={t.lr}], got {t.min_lr}")
+    if cfg.model.fused_gates and t.parallel == "fsdp":
+        raise ValueError("model.fused_gates with train.parallel=fsdp: the fused head keeps checkpoints in the "
+                         "per-unit layout, which FSDP's sharded state dicts do not go through; use "
+                         "train.parallel=ddp or model.fused_gates=false")
     if t.channels_last and t.parallel == "fsdp":
         raise ValueError("train.channels_last with train.parallel=fsdp: FSDP shards only contiguous (NCHW) "
                          "parameters; use train.parallel=ddp or train.channels_last=false")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from nrdm.models.gated_unit import GATE_SOURCES as GATE_SOURCES_ALL
 from nrdm.models.gated_unit import VARIANTS, Conditioning, GatedResidual, UnitConfig
 from nrdm.models.layers import Attention, ConvBranch, Mlp, group_norm
 from nrdm.models.tracing import UnitTracer
@@ -305,3 +306,104 @@ def test_shared_gates_learn_and_take_the_penalty():
     out.loss.backward()
     assert all(h.weight.grad.abs().sum() > 0 for h in model.embed.shared_gates.heads.values())
     assert all(u.gates.embedding.grad.abs().sum() > 0 for u in gated_units(model))
+
+
+def _randomized(model, seed=0):
+    """Every parameter (gate heads included) off its zero init, deterministically by name."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = torch.Generator().manual_seed(seed + sum(map(ord, name)))
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _grads_by_unit(model):
+    """Parameter gradients by name, the fused head's split into its units' per-unit names."""
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    heads = model.embed.fused_gates if hasattr(model, "embed") else None
+    if heads is not None:
+        for kind in ("weight", "bias"):
+            fused = grads.pop(f"embed.fused_gates.linear.{kind}")
+            grads.update({f"{name}.head.{kind}": part for name, part in zip(heads.names, fused.split(heads.sizes))})
+    return grads
+
+
+FUSED_CASES = ([("DiT-T/2", v, s) for v in VARIANTS for s in GATE_SOURCES_ALL] +
+               [(b, v, "cond") for b in BACKBONE_KWARGS if b != "DiT-T/2" for v in ("nrdm", "adaln-zero")])
+
+
+@pytest.mark.parametrize("backbone,variant,gate_source", FUSED_CASES)
+def test_fused_gates_compute_what_the_per_unit_heads_compute(backbone, variant, gate_source):
+    """fused_gates: the same weights (loaded from the per-unit model's state dict) give the same
+    output and the same gradient on every parameter (the fused head's rows = the units' heads),
+    the state dict is the per-unit one, key for key, and the parameter count is unchanged; where
+    no unit has a "cond" head there is nothing to fuse."""
+    from nrdm.models import build_model, count_parameters, gated_units
+    kwargs = dict(BACKBONE_KWARGS[backbone], variant=variant, gate_source=gate_source)
+    per_unit = _randomized(build_model(backbone, **kwargs))
+    fused = build_model(backbone, fused_gates=True, **kwargs)
+    fused.load_state_dict(per_unit.state_dict())                      # strict: every key lands
+    heads = [u.gates for u in gated_units(per_unit) if u.gates is not None and u.gates.source == "cond"]
+    assert (fused.embed.fused_gates is not None) == bool(heads)
+    assert count_parameters(fused) == count_parameters(per_unit)
+    x, t, y = _inputs(per_unit)
+    weights = torch.randn(per_unit(x, t, y).shape, generator=torch.Generator().manual_seed(3))
+    for model in (per_unit, fused):
+        model.zero_grad()
+        (model(x, t, y) * weights).sum().backward()
+    torch.testing.assert_close(fused(x, t, y), per_unit(x, t, y))
+    expected, got = _grads_by_unit(per_unit), _grads_by_unit(fused)
+    assert expected.keys() == got.keys()
+    for name, grad in expected.items():
+        if grad is None:                                              # unused (multires' coarse heads)
+            assert got[name] is None, name
+            continue
+        # the conditioning's gradient sums the units' parts in another order: rounding of the largest entry
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
+    state, reference = fused.state_dict(), per_unit.state_dict()
+    assert list(state) == list(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_fused_gates_take_the_penalty_and_save_and_load_as_per_unit_heads(tmp_path):
+    """The sensitivity penalty reaches the fused head's rows as it reaches the per-unit heads (its
+    detached Conditioning drops the fused values, so each unit recomputes its own gates from c);
+    a fused model's weights save with safetensors and load into either layout, and a state that
+    lacks a unit's head loads with that head reported missing and its rows kept."""
+    from safetensors.torch import load_file, save_file
+
+    from nrdm.diffusion import LossConfig, VPSchedule, diffusion_loss
+    from nrdm.models import build_model
+    kwargs = dict(BACKBONE_KWARGS["DiT-T/2"], variant="nrdm")
+    per_unit = _randomized(build_model("DiT-T/2", **kwargs))
+    fused = build_model("DiT-T/2", fused_gates=True, **kwargs)
+    fused.load_state_dict(per_unit.state_dict())
+    x0, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    for model in (per_unit, fused):
+        out = diffusion_loss(model, x0, y, VPSchedule(), LossConfig(gamma=1.0, penalty_units=4),
+                             generator=torch.Generator().manual_seed(0))
+        model.penalty = out.penalty
+        out.loss.backward()
+    torch.testing.assert_close(fused.penalty, per_unit.penalty)
+    expected, got = _grads_by_unit(per_unit), _grads_by_unit(fused)
+    heads = [k for k in expected if ".gates.head." in k]
+    assert heads and any(expected[k].abs().sum() > 0 for k in heads)
+    for name in heads:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+
+    save_file(fused.state_dict(), str(tmp_path / "fused.safetensors"))
+    fresh = build_model("DiT-T/2", **kwargs)
+    fresh.load_state_dict(load_file(str(tmp_path / "fused.safetensors")))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), per_unit.state_dict().values()))
+
+    partial = {k: v for k, v in per_unit.state_dict().items() if not k.startswith("blocks.1.mlp.gates.")}
+    target = build_model("DiT-T/2", fused_gates=True, **kwargs)
+    kept = target.state_dict()["blocks.1.mlp.gates.head.weight"]
+    result = target.load_state_dict(partial, strict=False)
+    assert sorted(result.missing_keys) == ["blocks.1.mlp.gates.head.bias", "blocks.1.mlp.gates.head.weight"]
+    assert not result.unexpected_keys
+    state = target.state_dict()
+    assert torch.equal(state["blocks.1.mlp.gates.head.weight"], kept)
+    assert torch.equal(state["blocks.0.attn.gates.head.weight"], per_unit.state_dict()["blocks.0.attn.gates.head.weight"])
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*blocks\.1\.mlp\.gates\.head"):
+        target.load_state_dict(partial)

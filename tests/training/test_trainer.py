@@ -209,6 +209,31 @@ def test_channels_last_trains_nhwc_and_computes_the_same(tiny_config, tmp_path, 
     assert latest_checkpoint(tmp_path / "nhwc").name == "step-00000008"
 
 
+def test_fused_gates_train_as_the_per_unit_heads(tiny_config, tmp_path):
+    """model.fused_gates: a flow model trains as with per-unit gate heads (up to the rounding of
+    the conditioning's summed gradient), writes checkpoints in the per-unit layout that an
+    unfused model loads, and resumes; switching it on a resume is refused (its optimizer state
+    is keyed by the fused parameter)."""
+    from nrdm.factory import build_model_from_config
+    flow = ["model.size=DiT-T/2", "model.width=16", "model.heads=2", "model.depth=2", "model.variant=adaln-zero"]
+    train(tiny_config(*flow), tmp_path / "per-unit", progress=False)
+    train(tiny_config(*flow, "model.fused_gates=true"), tmp_path / "fused", progress=False)
+    heads = build_model_from_config(tiny_config(*flow, "model.fused_gates=true")).embed.fused_gates
+    model, ema, optimizer = final_state(tmp_path / "fused")
+    for kind in ("weight", "bias"):                     # the fused parameter's Adam moments, unit by unit
+        fused = optimizer["state"].pop(f"embed.fused_gates.linear.{kind}")
+        for i, name in enumerate(heads.names):
+            optimizer["state"][f"{name}.head.{kind}"] = {key: value.split(heads.sizes)[i] if value.dim() else value
+                                                          for key, value in fused.items()}
+    assert_same_training(final_state(tmp_path / "per-unit"), (model, ema, optimizer), tiny_config().train.lr, 6)
+    per_unit = build_model_from_config(tiny_config(*flow))
+    per_unit.load_state_dict(model)                     # strict
+    train(tiny_config(*flow, "model.fused_gates=true", "train.steps=8"), tmp_path / "fused", resume=True, progress=False)
+    assert latest_checkpoint(tmp_path / "fused").name == "step-00000008"
+    with pytest.raises(ValueError, match="model.fused_gates"):
+        train(tiny_config(*flow, "train.steps=10"), tmp_path / "fused", resume=True, progress=False)
+
+
 def test_a_run_that_fails_at_once_leaves_no_directory(tiny_config, tmp_path):
     """A run that fails before writing anything but its config removes the directory it made;
     a directory the user made stays."""

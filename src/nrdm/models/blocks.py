@@ -33,6 +33,7 @@ class ConditionEmbedder(nn.Module):
         self.label = LabelEmbedder(num_classes, width) if num_classes > 0 and not text_dim else None
         self.text = TextEmbedder(text_dim, width, text_tokens) if text_dim else None
         self.shared_gates = None        # SharedGateHeads, set by count_units for gate_source "shared"
+        self.fused_gates = None         # FusedGateHeads, set by count_units for fused_gates
 
     def forward(self, t: torch.Tensor, condition):
         t_emb = self.time(t)                                                     # (B, D)
@@ -50,7 +51,8 @@ class ConditionEmbedder(nn.Module):
         vec = t_emb if y_emb is None else t_emb + y_emb
         tau = 2.0 * t.float() / self.num_timesteps - 1.0                         # (B,)
         shared = self.shared_gates(vec) if self.shared_gates is not None else None
-        return Conditioning(vec, tau, shared), t_emb, y_emb, context
+        fused = self.fused_gates(vec) if self.fused_gates is not None else None
+        return Conditioning(vec, tau, shared, fused), t_emb, y_emb, context
 
 
 class TextEmbedder(nn.Module):

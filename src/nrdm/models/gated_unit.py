@@ -33,6 +33,10 @@ variant has gates (nrdm, adaln, scaled-skip, adaln-zero). resnet and rezero have
 parameters (nor has depth-mup), and `gate_source="tdp"` gates see only the diffusion time; for those
 `UnitConfig.gates_see_condition` is False and the backbones add the conditioning vector to
 their input features (see each backbone's `input_conditioning`).
+
+`fused_gates` computes the same per-unit heads (gate_source "cond") of the whole model as one
+linear map, run once per forward by the conditioning embedder (FusedGateHeads): the same function,
+parameters and checkpoints, one matmul instead of one per unit.
 """
 from __future__ import annotations
 
@@ -81,6 +85,8 @@ class UnitConfig:
                           s = sigmoid((1 + w') tau + b), tau = 2n/T - 1 (time only, no MLP)
                  "static" a learned constant (not conditioned)
     gate_shape:  "channel" (one value per channel) or "scalar" (one per unit)
+    fused_gates: compute all "cond" heads of the model in one linear map (FusedGateHeads); the same
+                 function and checkpoints. Other gate sources have no head to fuse and are unchanged.
     rezero always uses a static scalar gate, as in the ReZero paper.
     """
 
@@ -88,6 +94,7 @@ class UnitConfig:
     gate_init: str = "auto"
     gate_source: str = "cond"
     gate_shape: str = "channel"
+    fused_gates: bool = False
 
     def __post_init__(self):
         if isinstance(self.variant, int) and self.variant in VARIANT_IDS:
@@ -96,6 +103,8 @@ class UnitConfig:
         _check_choice("gate_init", self.gate_init, GATE_INITS)
         _check_choice("gate_source", self.gate_source, GATE_SOURCES)
         _check_choice("gate_shape", self.gate_shape, GATE_SHAPES)
+        if not isinstance(self.fused_gates, bool):
+            raise ValueError(f"fused_gates must be true or false, got {self.fused_gates!r}")
         if self.variant == "rezero":
             object.__setattr__(self, "gate_source", "static")
             object.__setattr__(self, "gate_shape", "scalar")
@@ -137,19 +146,24 @@ class Conditioning(NamedTuple):
     vec: (B, D) conditioning vector c (time embedding, plus class or pooled text embedding)
     tau: (B,) diffusion time rescaled to [-1, 1] as tau = 2n/T - 1 (for gate_source="tdp")
     shared: gate shape -> (B, n, W) raw gate values of the shared heads (gate_source="shared"), or None
+    fused:  per fused unit, (B, n, W) raw gate values of FusedGateHeads (fused_gates), or None
     """
 
     vec: torch.Tensor
     tau: torch.Tensor
     shared: dict | None = None
+    fused: tuple | None = None
 
     def repeat_each(self, times: int) -> "Conditioning":
         """Each sample's conditioning `times` times in a row: for video backbones that fold the
         frames (or the spatial positions) of each clip into the batch axis."""
-        return Conditioning(self.vec.repeat_interleave(times, 0), self.tau.repeat_interleave(times, 0),
-                            self._map_shared(lambda v: v.repeat_interleave(times, 0)))
+        repeat = lambda v: v.repeat_interleave(times, 0)    # noqa: E731
+        return Conditioning(repeat(self.vec), repeat(self.tau), self._map_shared(repeat),
+                            None if self.fused is None else tuple(map(repeat, self.fused)))
 
     def detach(self, dtype=None) -> "Conditioning":
+        """Constant conditioning (the sensitivity penalty's). The fused gate values are dropped, not
+        detached: each unit then computes its own from c, so its head still gets the gradient."""
         return Conditioning(self.vec.detach().to(dtype or self.vec.dtype), self.tau.detach(),
                             self._map_shared(lambda v: v.detach().to(dtype or v.dtype)))
 
@@ -166,6 +180,7 @@ class GateGenerator(nn.Module):
         self.source = source
         width = channels if shape == "channel" else 1
         self.n_slots, self.width, self.cond_dim = n_slots, width, cond_dim
+        self.fused_index = None      # set by fuse_gate_heads: this head is row block `fused_index` of FusedGateHeads
         if source == "shared":          # the head is the model's (SharedGateHeads); this unit's own offset
             self.embedding = nn.Parameter(torch.zeros(n_slots, width))
         elif source == "cond":
@@ -193,13 +208,21 @@ class GateGenerator(nn.Module):
                                  "them on model.embed); this Conditioning carries none")
             return cond.shared[self.shape_key] + self.embedding                    # (B, n, W)
         if self.source == "cond":
-            raw = self.head(nn.functional.silu(cond.vec))                         # (B, n*W)
+            if self.fused_index is not None and cond.fused is not None:
+                return cond.fused[self.fused_index]                                # (B, n, W)
+            raw = nn.functional.linear(nn.functional.silu(cond.vec), *self.head_weights())   # (B, n*W)
             return raw.view(-1, self.n_slots, self.width)                          # (B, n, W)
         if self.source == "tdp":
             tau = cond.tau.float()[:, None, None]                                  # (B, 1, 1)
             s = torch.sigmoid((1.0 + self.tdp_w) * tau + self.tdp_b)               # (B, n, 1)
             return s * self.tdp_p0 + (1.0 - s) * self.tdp_p1                       # (B, n, W)
         return self.value[None]                                                    # (1, n, W)
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of this unit's head: its own, or its rows of the model's fused head."""
+        if self.fused_index is None:
+            return self.head.weight, self.head.bias
+        return self._fused_heads.rows(self.fused_index)
 
     def no_weight_decay(self) -> list[str]:
         return ["tdp_p0", "tdp_p1", "tdp_w", "tdp_b"] if self.source == "tdp" else []
@@ -325,10 +348,107 @@ class SharedGateHeads(nn.Module):
         return {key: head(h).view(-1, *self.shapes[key]) for key, head in self.heads.items()}   # (B, n, W)
 
 
+class FusedGateHeads(nn.Module):
+    """The per-unit gate heads (gate_source "cond") of a whole model as one linear map on SiLU(c),
+    as DiT computes a block's six modulations in one layer, here for every unit at once:
+
+        [raw_1 | raw_2 | ... | raw_U] = SiLU(c) [W_1; W_2; ...; W_U]^T + [b_1; ...; b_U]
+
+    one matmul and one SiLU per forward instead of U. Unit i's head is row block i (`rows(i)`), so
+    the function and the parameters are the per-unit heads'; the model's state dict keeps the
+    per-unit keys (`fuse_gate_heads`). Run once per forward by the conditioning embedder; its
+    values travel in Conditioning.fused."""
+
+    def __init__(self, generators: list[GateGenerator], names: list[str]):
+        super().__init__()
+        self.names = names                                           # each head's module path in the model
+        self.shapes = [(g.n_slots, g.width) for g in generators]
+        self.sizes = [n * w for n, w in self.shapes]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.linear = nn.Linear(generators[0].cond_dim, sum(self.sizes))
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.cat([g.head.weight for g in generators]))
+            self.linear.bias.copy_(torch.cat([g.head.bias for g in generators]))
+
+    def rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = slice(self.starts[index], self.starts[index] + self.sizes[index])
+        return self.linear.weight[rows], self.linear.bias[rows]
+
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raw = self.linear(nn.functional.silu(vec))                                # (B, sum n*W)
+        return tuple(part.unflatten(1, shape)                                     # (B, n, W) each
+                     for part, shape in zip(raw.split(self.sizes, dim=1), self.shapes))
+
+
+_FUSED = "embed.fused_gates.linear."
+
+
+def fuse_gate_heads(model: nn.Module) -> None:
+    """Move every per-unit "cond" head of `model` into one FusedGateHeads on `model.embed`.
+
+    Checkpoints stay in the per-unit layout both ways: the model's state dict splits the fused
+    weight into each unit's `gates.head.weight` / `.bias`, and loading concatenates them, so fused
+    and unfused models (and DiT imports) exchange weights freely."""
+    generators = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, GateGenerator) and m.source == "cond"]
+    if not generators:
+        return                                   # no head to fuse (resnet, rezero, depth-mup, other sources)
+    if not hasattr(getattr(model, "embed", None), "fused_gates"):
+        raise ValueError(f"fused_gates needs a backbone with a conditioning embedder; {type(model).__name__} has none")
+    heads = FusedGateHeads([g for _, g in generators], [name for name, _ in generators])
+    model.embed.fused_gates = heads
+    for index, (_, generator) in enumerate(generators):
+        del generator.head
+        generator.fused_index = index
+        object.__setattr__(generator, "_fused_heads", heads)      # a reference, not a submodule
+    model.register_state_dict_post_hook(_split_fused_heads)
+    model.register_load_state_dict_pre_hook(_join_fused_heads)
+
+
+def _split_fused_heads(model, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the fused weight and bias as per-unit head tensors, each where the
+    per-unit model has it (after the rest of its unit: the gates are a unit's last module)."""
+    heads = model.embed.fused_gates
+    parts = {}
+    for kind in ("weight", "bias"):
+        fused = state.pop(prefix + _FUSED + kind)
+        for name, part in zip(heads.names, fused.split(heads.sizes)):
+            parts[f"{prefix}{name}.head.{kind}"] = part         # a view of the parameter, as state_dict gives
+    order = list(state)
+    for name in heads.names:
+        unit = prefix + name.removesuffix("gates")
+        at = 1 + max((i for i, key in enumerate(order) if key.startswith(unit)), default=len(order) - 1)
+        order[at:at] = [f"{prefix}{name}.head.weight", f"{prefix}{name}.head.bias"]
+    tensors = {**state, **parts}
+    state.clear()
+    state.update((key, tensors[key]) for key in order)
+
+
+def _join_fused_heads(model, state: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    """load_state_dict pre-hook: per-unit head tensors into the fused weight and bias. A head the
+    state lacks keeps the model's current rows and is reported missing (init_from of a shallower run)."""
+    heads = model.embed.fused_gates
+    if prefix + _FUSED + "weight" in state:
+        return                                                        # already fused (not from state_dict())
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.head.{kind}" for name in heads.names]
+        if not any(key in state for key in keys):
+            continue
+        current = getattr(heads.linear, kind).detach().split(heads.sizes)
+        parts = []
+        for key, own in zip(keys, current):
+            if key not in state:
+                missing_keys.append(key)
+            parts.append(state.pop(key, own))
+        state[prefix + _FUSED + kind] = torch.cat([p.to(current[0].dtype) for p in parts])
+
+
 def count_units(model: nn.Module) -> None:
     """Tell every unit how many gated units the model holds (depth-muP scales every branch by
-    1/sqrt(L)) and, for gate_source "shared", give the model's conditioning embedder
-    (`model.embed`) the shared gate heads. Each backbone calls this at the end of its constructor."""
+    1/sqrt(L)); for gate_source "shared", give the model's conditioning embedder (`model.embed`)
+    the shared gate heads, and for fused_gates the fused ones. Each backbone calls this at the end
+    of its constructor."""
     units = gated_units(model)
     for unit in units:
         unit.set_model_units(len(units))
@@ -339,6 +459,8 @@ def count_units(model: nn.Module) -> None:
                              f"{type(model).__name__} has none")
         model.embed.shared_gates = SharedGateHeads({g.shape_key: (g.n_slots, g.width) for g in shared},
                                                    shared[0].cond_dim)
+    if units and units[0].unit.fused_gates:
+        fuse_gate_heads(model)
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

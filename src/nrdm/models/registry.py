@@ -30,7 +30,7 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "multires": MultiResolution,      # DiMR-like (a transformer branch, then ConvNeXt branches at 2x resolution each)
 }
 VIDEO_BACKBONES = ("video", "unet")   # backbones that take clips (B, C, F, H, W): num_frames > 0
-UNIT_KEYS = ("variant", "gate_init", "gate_source", "gate_shape")
+UNIT_KEYS = ("variant", "gate_init", "gate_source", "gate_shape", "fused_gates")
 
 
 # DiMR with 3 resolutions: (transformer depth, width, heads, ConvNeXt widths, ConvNeXt depths). The paper
@@ -97,7 +97,7 @@ def backbone_options(backbone: str) -> set[str]:
 def build_model(size: str | None = None, **kwargs) -> nn.Module:
     """Build a backbone from a registry size and/or explicit keywords (which win over the size).
 
-    Unit keywords (variant, gate_init, gate_source, gate_shape) may be given flat or as
+    Unit keywords (variant, gate_init, gate_source, gate_shape, fused_gates) may be given flat or as
     `unit=UnitConfig(...)`.
     """
     spec: dict = {}
