@@ -407,3 +407,30 @@ def test_fused_gates_take_the_penalty_and_save_and_load_as_per_unit_heads(tmp_pa
     assert torch.equal(state["blocks.0.attn.gates.head.weight"], per_unit.state_dict()["blocks.0.attn.gates.head.weight"])
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*blocks\.1\.mlp\.gates\.head"):
         target.load_state_dict(partial)
+
+
+@pytest.mark.parametrize("mode", ["bf16-autocast", "grad-checkpointing", "compile"])
+def test_fused_gates_under_autocast_checkpointing_and_compile(mode):
+    """The fused values travel through bf16 autocast, activation checkpointing (the Conditioning is
+    a block argument) and torch.compile as the per-unit heads' do."""
+    from nrdm.models import build_model
+    kwargs = dict(BACKBONE_KWARGS["DiT-T/2"], variant="adaln-zero")
+    per_unit = _randomized(build_model("DiT-T/2", **kwargs))
+    fused = build_model("DiT-T/2", fused_gates=True, **kwargs)
+    fused.load_state_dict(per_unit.state_dict())
+    x, t, y = _inputs(per_unit)
+    outputs, grads = [], []
+    for model in (per_unit, fused):
+        model.grad_checkpointing = mode == "grad-checkpointing"
+        run = torch.compile(model, backend="eager", fullgraph=True) if mode == "compile" else model
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
+            out = run(x, t, y)
+        out.float().square().mean().backward()
+        outputs.append(out.float())
+        grads.append(_grads_by_unit(model))
+    tolerance = dict(rtol=2e-2, atol=2e-2) if mode == "bf16-autocast" else {}
+    torch.testing.assert_close(outputs[1], outputs[0], **tolerance)
+    for name, grad in grads[0].items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-2 if tolerance else 1e-4,
+                                   atol=(3e-2 if tolerance else 1e-5) * scale, msg=name)

@@ -32,6 +32,20 @@ def assert_same_state(a, b):
             assert torch.equal(value, opt_b["state"][pid][key]), (pid, key)
 
 
+def per_unit_moments(state, cfg):
+    """A model.fused_gates run's final state with the fused head's optimizer moments split into
+    the per-unit heads' names (its weights are saved in the per-unit layout already)."""
+    from nrdm.factory import build_model_from_config
+    heads = build_model_from_config(cfg).embed.fused_gates
+    model, ema, optimizer = state
+    for kind in ("weight", "bias"):
+        fused = optimizer["state"].pop(f"embed.fused_gates.linear.{kind}")
+        for i, name in enumerate(heads.names):
+            optimizer["state"][f"{name}.head.{kind}"] = {key: value.split(heads.sizes)[i] if value.dim() else value
+                                                          for key, value in fused.items()}
+    return model, ema, optimizer
+
+
 def assert_same_training(a, b, lr: float, steps: int):
     """Two runs that differ only in float rounding (another summation order of the all-reduce).
     Gradients agree: Adam's first moments within 1e-4 of the largest one. Parameters lie within
@@ -218,16 +232,9 @@ def test_fused_gates_train_as_the_per_unit_heads(tiny_config, tmp_path):
     flow = ["model.size=DiT-T/2", "model.width=16", "model.heads=2", "model.depth=2", "model.variant=adaln-zero"]
     train(tiny_config(*flow), tmp_path / "per-unit", progress=False)
     train(tiny_config(*flow, "model.fused_gates=true"), tmp_path / "fused", progress=False)
-    heads = build_model_from_config(tiny_config(*flow, "model.fused_gates=true")).embed.fused_gates
-    model, ema, optimizer = final_state(tmp_path / "fused")
-    for kind in ("weight", "bias"):                     # the fused parameter's Adam moments, unit by unit
-        fused = optimizer["state"].pop(f"embed.fused_gates.linear.{kind}")
-        for i, name in enumerate(heads.names):
-            optimizer["state"][f"{name}.head.{kind}"] = {key: value.split(heads.sizes)[i] if value.dim() else value
-                                                          for key, value in fused.items()}
-    assert_same_training(final_state(tmp_path / "per-unit"), (model, ema, optimizer), tiny_config().train.lr, 6)
-    per_unit = build_model_from_config(tiny_config(*flow))
-    per_unit.load_state_dict(model)                     # strict
+    fused = per_unit_moments(final_state(tmp_path / "fused"), tiny_config(*flow, "model.fused_gates=true"))
+    assert_same_training(final_state(tmp_path / "per-unit"), fused, tiny_config().train.lr, 6)
+    build_model_from_config(tiny_config(*flow)).load_state_dict(fused[0])          # strict
     train(tiny_config(*flow, "model.fused_gates=true", "train.steps=8"), tmp_path / "fused", resume=True, progress=False)
     assert latest_checkpoint(tmp_path / "fused").name == "step-00000008"
     with pytest.raises(ValueError, match="model.fused_gates"):
@@ -309,17 +316,19 @@ def test_diagnostics_are_logged(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("parallel,gamma,layout", [("ddp", 0.0, "nchw"), ("fsdp", 0.0, "nchw"), ("ddp", 0.5, "nchw"),
-                                                   ("fsdp", 0.5, "nchw"), ("ddp", 0.0, "nhwc")])
+                                                   ("fsdp", 0.5, "nchw"), ("ddp", 0.0, "nhwc"), ("ddp", 0.5, "fused")])
 def test_two_processes_match_one(tiny_config, tiny_overrides, tmp_path, torchrun, parallel, gamma, layout):
     """torchrun, 2 CPU processes with gloo, global batch 16 = 2 x 8, against 1 process x 16;
     DDP replicates the model, FSDP shards it (and the checkpoint is gathered unsharded). With
     gamma > 0 the sensitivity penalty runs too (under FSDP on gathered parameters), with the
     same units and per-sample probes as in one process. DDP also reduces the gradients of NHWC
-    conv weights (train.channels_last) to the same result."""
+    conv weights (train.channels_last) and of the fused gate head (model.fused_gates, against
+    per-unit heads in one process) to the same result."""
     overrides = ["train.steps=3", "train.ckpt_every=3", "train.device=cpu", f"diffusion.gamma={gamma}",
                  "diffusion.penalty_units=2", f"train.parallel={parallel}"]
     train(tiny_config(*overrides[:-1]), tmp_path / "one", progress=False)
-    sets = tiny_overrides + overrides + (["train.channels_last=true"] if layout == "nhwc" else [])
+    extra = {"nchw": [], "nhwc": ["train.channels_last=true"], "fused": ["model.fused_gates=true"]}[layout]
+    sets = tiny_overrides + overrides + extra
     torchrun(["train", "digits", "--out", tmp_path / "two", "--no-progress", *(a for item in sets for a in ("--set", item))])
     # Same losses and gradient norms to float precision; gradients and parameters as in
     # assert_same_training.
@@ -329,7 +338,10 @@ def test_two_processes_match_one(tiny_config, tiny_overrides, tmp_path, torchrun
     for a, b in zip(logs[0][1:], logs[1][1:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert_same_training(final_state(tmp_path / "one"), final_state(tmp_path / "two"), lr=1e-3, steps=3)
+    two = final_state(tmp_path / "two")
+    if layout == "fused":
+        two = per_unit_moments(two, tiny_config(*extra))
+    assert_same_training(final_state(tmp_path / "one"), two, lr=1e-3, steps=3)
 
 
 def test_cli_train_sample_info(tmp_path, tiny_overrides, capsys):
