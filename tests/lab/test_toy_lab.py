@@ -58,6 +58,17 @@ def test_tiny_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime
     assert len(load_results(tmp_path / "results.jsonl")) == 8
 
+    # a report of one depth names its plots without the depth; when the grid gains a depth the
+    # names change, and the report removes the plots it wrote before (not files of others)
+    from nrdm.lab.plots import plot_all
+    plots_dir = tmp_path / "plots-stale"
+    plots_dir.mkdir()
+    (plots_dir / "mine.png").write_bytes(b"not the report's")
+    first = {p.name for p in plot_all([r for r in records if r["depth"] == 2], plots_dir)}
+    assert "toy-gmm2d_quality_vs_steps_gamma0.png" in first
+    second = {p.name for p in plot_all(records, plots_dir)}
+    assert {p.name for p in plots_dir.glob("*.png")} == second | {"mine.png"}
+
 
 def test_divergence_is_recorded_not_raised(tmp_path, capsys):
     cell = ToyCell("gmm2d", "resnet", 4, 0.0, 0, width=16, steps=300, batch_size=32, lr=1e4)

@@ -110,6 +110,13 @@ def plot_all(records: list[dict], out_dir: str | Path) -> list[Path]:
     for setting in sorted({r["setting"] for r in records}):
         rs = [r for r in records if r["setting"] == setting]
         written += _plot_setting(plt, rs, setting, variants, colors, out_dir)
+    # plots the last report wrote and this one did not (a setting that gained a depth renames its
+    # plots) would show an older state of the grid: remove them; files of others stay
+    manifest = out_dir / "plots.txt"
+    if manifest.exists():
+        for name in set(manifest.read_text().split()) - {p.name for p in written}:
+            (out_dir / name).unlink(missing_ok=True)
+    manifest.write_text("".join(f"{p.name}\n" for p in written))
     return written
 
 
