@@ -315,9 +315,9 @@ def test_diagnostics_are_logged(tiny_config, tmp_path):
     assert all(isinstance(v, float) for v in diag[0]["adjoint_norm"])
 
 
-@pytest.mark.parametrize("parallel,gamma,layout", [("ddp", 0.0, "nchw"), ("fsdp", 0.0, "nchw"), ("ddp", 0.5, "nchw"),
+@pytest.mark.parametrize("parallel,gamma,option", [("ddp", 0.0, "nchw"), ("fsdp", 0.0, "nchw"), ("ddp", 0.5, "nchw"),
                                                    ("fsdp", 0.5, "nchw"), ("ddp", 0.0, "nhwc"), ("ddp", 0.5, "fused")])
-def test_two_processes_match_one(tiny_config, tiny_overrides, tmp_path, torchrun, parallel, gamma, layout):
+def test_two_processes_match_one(tiny_config, tiny_overrides, tmp_path, torchrun, parallel, gamma, option):
     """torchrun, 2 CPU processes with gloo, global batch 16 = 2 x 8, against 1 process x 16;
     DDP replicates the model, FSDP shards it (and the checkpoint is gathered unsharded). With
     gamma > 0 the sensitivity penalty runs too (under FSDP on gathered parameters), with the
@@ -327,7 +327,7 @@ def test_two_processes_match_one(tiny_config, tiny_overrides, tmp_path, torchrun
     overrides = ["train.steps=3", "train.ckpt_every=3", "train.device=cpu", f"diffusion.gamma={gamma}",
                  "diffusion.penalty_units=2", f"train.parallel={parallel}"]
     train(tiny_config(*overrides[:-1]), tmp_path / "one", progress=False)
-    extra = {"nchw": [], "nhwc": ["train.channels_last=true"], "fused": ["model.fused_gates=true"]}[layout]
+    extra = {"nchw": [], "nhwc": ["train.channels_last=true"], "fused": ["model.fused_gates=true"]}[option]
     sets = tiny_overrides + overrides + extra
     torchrun(["train", "digits", "--out", tmp_path / "two", "--no-progress", *(a for item in sets for a in ("--set", item))])
     # Same losses and gradient norms to float precision; gradients and parameters as in
@@ -339,7 +339,7 @@ def test_two_processes_match_one(tiny_config, tiny_overrides, tmp_path, torchrun
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     two = final_state(tmp_path / "two")
-    if layout == "fused":
+    if option == "fused":
         two = per_unit_moments(two, tiny_config(*extra))
     assert_same_training(final_state(tmp_path / "one"), two, lr=1e-3, steps=3)
 
