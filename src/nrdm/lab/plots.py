@@ -146,7 +146,7 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
                     steps = sorted(by_step)
                     stats = [mean_std(by_step[s]) for s in steps]
                     m, sd = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
-                    ax.plot(steps, m, "o-", color=colors[v], label=f"{v} ({len(rs)} seeds)")
+                    ax.plot(steps, m, "o-", color=colors[v], label=f"{v} ({len(rs)} seed{'' if len(rs) == 1 else 's'})")
                     ax.fill_between(steps, m - sd, m + sd, color=colors[v], alpha=0.2)
         if math.isfinite(floor):
             axes[0].axhline(floor, ls="--", color="gray", label="real vs real")
