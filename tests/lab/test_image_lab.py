@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import nrdm.training.trainer as trainer_mod
+from nrdm.checkpoint import latest_checkpoint
 from nrdm.config import load_config
 from nrdm.cli import main as cli_main
 from nrdm.lab.grid import load_results, run_grid
@@ -62,6 +63,33 @@ def test_tiny_image_grid_writes_csv_and_plots_and_resumes(tmp_path, capsys):
     mtime = (tmp_path / "results.jsonl").stat().st_mtime_ns
     assert cli_main(args) == 0                                    # all cells done: nothing re-run
     assert (tmp_path / "results.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_a_cell_killed_between_evaluations_resumes_from_a_later_checkpoint(tmp_path, monkeypatch):
+    """A study process killed mid-cell loses at most a fraction of an evaluation interval, and the resumed
+    cell ends where an uninterrupted one does."""
+    cell = ImageCell("digits", "flow", "nrdm", 1, 0.0, 0, **{**TINY_CELL, "steps": 8})
+    grid = dict(progress=False, eval_n=20, eval_points=2)                     # evaluations at steps 4 and 8
+    (straight,) = run_grid([cell], tmp_path / "a.jsonl", cells_dir=tmp_path / "a", **grid)
+    real_loss = trainer_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def killed_in_step_8(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", killed_in_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid([cell], tmp_path / "b.jsonl", cells_dir=tmp_path / "b", **grid)
+    run_dir = tmp_path / "b" / cell.key.replace("|", "_")
+    assert latest_checkpoint(run_dir).name == "step-00000007"                 # not step 4, the last evaluation
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", real_loss)
+    (resumed,) = run_grid([cell], tmp_path / "b.jsonl", cells_dir=tmp_path / "b", **grid)
+    # the same model at both evaluations (the loss logged at step 8 averages only the steps since the resume)
+    assert resumed["curve"][0] == {**straight["curve"][0], "seconds": resumed["curve"][0]["seconds"]}
+    assert resumed["quality"] == straight["quality"] and resumed["eval"] == straight["eval"]
 
 
 def test_diverging_image_run_is_recorded_not_raised(tmp_path, monkeypatch):
