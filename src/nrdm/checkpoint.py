@@ -4,7 +4,8 @@
         model.safetensors   model weights (fp32)
         ema.safetensors     EMA weights
         state.pt            optimizer, scheduler, grad scaler and divergence-monitor states, step,
-                            seed and world size (read with weights_only=True; the data order and
+                            seed, world size, the run's cost so far and the loss sums since the
+                            last log record (read with weights_only=True; the data order and
                             noise are functions of seed and step, so no RNG state is needed)
         config.yaml         the run's configuration
         model.json          the model's resolved build arguments (nrdm.factory.build_model_from_args),

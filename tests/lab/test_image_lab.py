@@ -87,9 +87,9 @@ def test_a_cell_killed_between_evaluations_resumes_from_a_later_checkpoint(tmp_p
     assert latest_checkpoint(run_dir).name == "step-00000007"                 # not step 4, the last evaluation
     monkeypatch.setattr(trainer_mod, "diffusion_loss", real_loss)
     (resumed,) = run_grid([cell], tmp_path / "b.jsonl", cells_dir=tmp_path / "b", **grid)
-    # the same model at both evaluations (the loss logged at step 8 averages only the steps since the resume)
-    assert resumed["curve"][0] == {**straight["curve"][0], "seconds": resumed["curve"][0]["seconds"]}
-    assert resumed["quality"] == straight["quality"] and resumed["eval"] == straight["eval"]
+    drop_time = lambda curve: [{k: v for k, v in point.items() if k != "seconds"} for point in curve]
+    assert drop_time(resumed["curve"]) == drop_time(straight["curve"])       # losses and quality at 4 and 8
+    assert resumed["eval"] == straight["eval"]
 
 
 def test_diverging_image_run_is_recorded_not_raised(tmp_path, monkeypatch):

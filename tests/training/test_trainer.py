@@ -130,11 +130,8 @@ def test_an_evaluation_lost_to_a_stop_is_made_on_resume(tiny_config, tmp_path, m
     assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "straight")
 
 
-def test_the_logged_cost_of_a_resumed_run_counts_each_step_once(tiny_config, tmp_path, monkeypatch):
-    """A fake clock that advances 1 wall and 0.5 CPU second per loss call: a run stopped in step 5
-    and resumed from step 3's checkpoint costs what the straight run does (steps 4 and 5 of the
-    stopped process are redone, and counted once); resumed from a log that does not state its
-    cost, it leaves the cost out rather than restart it at zero."""
+def install_ticking_clock(monkeypatch):
+    """A fake RunClock that advances 1 wall and 0.5 CPU second per loss call; returns that loss."""
     clock = {"wall": 0.0, "cpu": 0.0}
     monkeypatch.setattr(trainer_mod.RunClock, "timers", (lambda: clock["wall"], lambda: clock["cpu"]))
     real_loss = trainer_mod.diffusion_loss
@@ -144,11 +141,21 @@ def test_the_logged_cost_of_a_resumed_run_counts_each_step_once(tiny_config, tmp
         clock["cpu"] += 0.5
         return real_loss(*args, **kwargs)
 
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", ticking_loss)
+    return ticking_loss
+
+
+def test_the_logged_cost_of_a_resumed_run_counts_each_step_once(tiny_config, tmp_path, monkeypatch):
+    """With the ticking clock: a run stopped in step 5 and resumed from step 3's checkpoint costs what
+    the straight run does (steps 4 and 5 of the stopped process are redone, and counted once);
+    resumed from a checkpoint and a log that do not state its cost (older versions), it leaves the
+    cost out rather than restart it at zero."""
+    ticking_loss = install_ticking_clock(monkeypatch)
+
     def costs(run):
         records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         return [(r["step"], r.get("wall_seconds"), r.get("cpu_seconds")) for r in records]
 
-    monkeypatch.setattr(trainer_mod, "diffusion_loss", ticking_loss)
     cfg = tiny_config("train.steps=6", "train.ckpt_every=3", "train.log_every=1")
     train(cfg, tmp_path / "straight", progress=False)
     assert costs(tmp_path / "straight") == [(0, 0.0, 0.0)] + [(s, float(s), s / 2) for s in range(1, 7)]
@@ -160,13 +167,40 @@ def test_the_logged_cost_of_a_resumed_run_counts_each_step_once(tiny_config, tmp
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
     assert costs(tmp_path / "resumed") == costs(tmp_path / "straight")
 
-    log = tmp_path / "resumed" / "log.jsonl"                                   # an older version's log
+    log = tmp_path / "resumed" / "log.jsonl"                   # an older version's log and checkpoint
     records = [json.loads(line) for line in log.read_text().splitlines()]
     log.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.endswith("_seconds")}) + "\n"
                            for r in records))
+    state_file = latest_checkpoint(tmp_path / "resumed") / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state.pop("clock") == {"wall_seconds": 6.0, "cpu_seconds": 3.0}
+    torch.save(state, state_file)
     train(tiny_config("train.steps=8", "train.ckpt_every=3", "train.log_every=1"), tmp_path / "resumed",
           resume=True, progress=False)
     assert [c for c in costs(tmp_path / "resumed") if c[0] > 6] == [(7, None, None), (8, None, None)]
+
+
+def test_a_resume_between_two_log_records_logs_what_the_straight_run_logs(tiny_config, tmp_path, monkeypatch):
+    """Checkpoint at step 3, log records at steps 4 and 6, a stop in step 5: the resumed run's record
+    at step 4 averages the loss of steps 1-4 and states the cost of steps 1-4, as the straight run's
+    does (the checkpoint carries the loss sums and the cost since the last record)."""
+    ticking_loss = install_ticking_clock(monkeypatch)
+
+    def records(run):
+        lines = (run / "log.jsonl").read_text().splitlines()
+        return [{k: r.get(k) for k in ("step", "loss", "mse", "wall_seconds", "cpu_seconds")}
+                for r in map(json.loads, lines) if "loss" in r]
+
+    cfg = tiny_config("train.steps=6", "train.ckpt_every=3", "train.log_every=4")
+    train(cfg, tmp_path / "straight", progress=False)
+    assert [(r["step"], r["wall_seconds"]) for r in records(tmp_path / "straight")] == [(4, 4.0), (6, 6.0)]
+    interrupt_at_call(monkeypatch, trainer_mod, "diffusion_loss", 5)          # in step 5
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "resumed", progress=False)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000003"
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", ticking_loss)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert records(tmp_path / "resumed") == records(tmp_path / "straight")
 
 
 def test_resume_refuses_a_changed_model(tiny_config, tmp_path):

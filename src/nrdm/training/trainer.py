@@ -24,7 +24,7 @@ import shutil
 import time
 import warnings
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -193,51 +193,20 @@ def _holds_only_a_config(out: Path) -> bool:
     return names <= {"config.yaml", "log.jsonl"} and (not log.exists() or len(log.read_text().splitlines()) <= 1)
 
 
-@dataclass
-class Run:
-    """Everything the loop needs, built by `_setup` (fresh, resumed, or started from other weights)."""
-
-    cfg: Config
-    out: Path
-    env: DistEnv
-    model: nn.Module                    # the backbone (FSDP: sharded in place)
-    wrapped: nn.Module                  # what the loss calls: DDP / compile around the model
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
-    monitor: DivergenceMonitor | None
-    stream: BatchStream
-    log: JsonlLog
-    schedule: object
-    loss_cfg: object
-    condition: object                   # labels of a batch -> the model's condition (factory.training_condition)
-    prompts: list[str] | None           # sample-grid prompts of a caption-file model
-    timestep_density: torch.Tensor | None = None   # training distribution of the steps (None: uniform)
-    start_step: int = 0
-    bad_steps: int = 0
-    clock: RunClock | None = None       # the run's cost so far, in every log record
-    last_loss: float = float("nan")
-
-    @property
-    def fsdp(self) -> bool:
-        return self.env.distributed and self.cfg.train.parallel == "fsdp"
-
-
-@dataclass
-class StepResult:
-    loss: torch.Tensor                  # (3,) loss, mse, penalty: mean over the processes
-    grad_norm: torch.Tensor
-    tracer: object                      # diagnostics tracer (UnitTracer) of a diagnostics step, else None
-    lr: float
-
-
 class StatsWindow:
     """Running sums of the logged quantities since the last log record; time spent on
-    checkpoints, samples and evaluation (`paused`) is not training time."""
+    checkpoints, samples and evaluation (`paused`) is not training time. A checkpoint between two
+    log records stores the sums, so the next record of a resumed run averages the same steps as an
+    uninterrupted run's (its speed, steps_per_s, counts only this process's steps)."""
 
     def __init__(self):
         self.sums, self.n, self.steps, self.t0 = torch.zeros(3, dtype=torch.float64), 0, 0, time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.tolist(), "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.n = torch.tensor(state["sums"], dtype=torch.float64), int(state["n"])
 
     def add(self, step_loss: torch.Tensor | None) -> None:
         """step_loss: (loss, mse, penalty) of a taken step, on the host; None for a skipped step."""
@@ -262,11 +231,11 @@ class StatsWindow:
 class RunClock:
     """What the run has cost so far: wall-clock seconds and this process's CPU seconds (all its
     threads) since step 0, evaluations and checkpoints included. Every log record carries both
-    (`wall_seconds`, `cpu_seconds`), and a resumed run continues from the last record it keeps:
-    work that a stopped process did after that record is redone and counted once, and the time
-    between that record and the checkpoint (a save, a sample grid) is not counted. A run resumed
-    from a log whose last record lacks these fields (older versions) has an unknown cost, and its
-    records leave them out."""
+    (`wall_seconds`, `cpu_seconds`), and every checkpoint stores them too: a resumed run continues
+    from its checkpoint's cost, so work that a stopped process did after that checkpoint is redone
+    and counted once. A checkpoint of an older version continues from the log's last record it
+    keeps (the time between that record and the checkpoint is not counted); a run resumed from a
+    log whose last record lacks these fields has an unknown cost, and its records leave them out."""
 
     KEYS = ("wall_seconds", "cpu_seconds")
     timers = (time.perf_counter, time.process_time)
@@ -279,10 +248,12 @@ class RunClock:
         return tuple(timer() for timer in self.timers)
 
     @classmethod
-    def resume(cls, log: "JsonlLog", step: int) -> "RunClock":
+    def resume(cls, log: "JsonlLog", step: int, saved: dict | None = None) -> "RunClock":
+        """The clock of a run resumed at `step`: from the checkpoint's `saved` fields, else from the
+        log's last record."""
         if step == 0:
             return cls()
-        last = log.last()
+        last = saved if saved is not None else log.last()
         return cls(*(last[k] for k in cls.KEYS)) if last is not None and cls.KEYS[0] in last else cls(known=False)
 
     def fields(self) -> dict:
@@ -291,23 +262,63 @@ class RunClock:
         return {k: round(offset + t - t0, 3) for k, offset, t, t0 in zip(self.KEYS, self.offset, self._now(), self.start)}
 
 
+@dataclass
+class Run:
+    """Everything the loop needs, built by `_setup` (fresh, resumed, or started from other weights)."""
+
+    cfg: Config
+    out: Path
+    env: DistEnv
+    model: nn.Module                    # the backbone (FSDP: sharded in place)
+    wrapped: nn.Module                  # what the loss calls: DDP / compile around the model
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    monitor: DivergenceMonitor | None
+    stream: BatchStream
+    log: JsonlLog
+    schedule: object
+    loss_cfg: object
+    condition: object                   # labels of a batch -> the model's condition (factory.training_condition)
+    prompts: list[str] | None           # sample-grid prompts of a caption-file model
+    timestep_density: torch.Tensor | None = None   # training distribution of the steps (None: uniform)
+    start_step: int = 0
+    bad_steps: int = 0
+    clock: RunClock | None = None       # the run's cost so far, in every log record
+    window: StatsWindow = field(default_factory=StatsWindow)   # the steps since the last log record
+    last_loss: float = float("nan")
+
+    @property
+    def fsdp(self) -> bool:
+        return self.env.distributed and self.cfg.train.parallel == "fsdp"
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor                  # (3,) loss, mse, penalty: mean over the processes
+    grad_norm: torch.Tensor
+    tracer: object                      # diagnostics tracer (UnitTracer) of a diagnostics step, else None
+    lr: float
+
+
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | None) -> dict:
     run = _setup(cfg, out, resume, progress, env)
     _evaluate_if_missed(run)                            # before the first window: not training time
     tc = run.cfg.train
     bar = tqdm(total=tc.steps, initial=run.start_step, disable=not (progress and run.env.is_main), desc="train",
                dynamic_ncols=True)
-    window = StatsWindow()
+    run.window.t0 = time.perf_counter()                 # setup and a missed evaluation are not training time
     for step in range(run.start_step, tc.steps):
         done = step + 1
         diagnostics_now = tc.diagnostics_every > 0 and done % tc.diagnostics_every == 0
         result = _train_step(run, step, diagnostics_now)
-        window.add(_apply_update(run, result, done, bar))
+        run.window.add(_apply_update(run, result, done, bar))
         bar.update(1)
         if done % tc.log_every == 0 or done == tc.steps or diagnostics_now:
-            _log_stats(run, window, result, done, bar)
-            window = StatsWindow()
-        with window.paused():                           # checkpoint and sample time is not training time
+            _log_stats(run, run.window, result, done, bar)
+            run.window = StatsWindow()
+        with run.window.paused():                       # checkpoint and sample time is not training time
             _after_step(run, done)
     bar.close()
     run.log.close()
@@ -381,9 +392,11 @@ def _setup(cfg: Config, out: Path, resume: bool, progress: bool, env: DistEnv | 
         if run.monitor is not None and state.get("divergence"):
             run.monitor.load_state_dict(state["divergence"])
         run.start_step, run.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        if "log_window" in state:                    # (checkpoints of older versions lack it)
+            run.window.load_state_dict(state["log_window"])
     run.timestep_density = run.loss_cfg.timestep_density(run.schedule)     # once, not per step
     run.log.truncate_after(run.start_step)
-    run.clock = RunClock.resume(run.log, run.start_step)
+    run.clock = RunClock.resume(run.log, run.start_step, loaded["state"].get("clock") if loaded else None)
     if env.is_main and run.start_step == 0:
         run.log.write({"event": "start", "step": 0, "params": count_parameters(model), "world_size": env.world_size,
                        "config": cfg.to_dict(), **run.clock.fields()})
@@ -524,7 +537,8 @@ def _save(run: Run, done: int) -> None:
         state = {"step": done, "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
                  "scaler": run.scaler.state_dict() if run.scaler is not None else {}, "bad_steps": run.bad_steps,
                  "divergence": run.monitor.state_dict() if run.monitor is not None else {},
-                 "seed": tc.seed, "world_size": run.env.world_size}
+                 "seed": tc.seed, "world_size": run.env.world_size,
+                 "clock": run.clock.fields(), "log_window": run.window.state_dict()}
         save_checkpoint(run.out, done, model_state, run.ema.state_dict(), state, run.cfg.to_yaml(), tc.keep_last,
                         tc.keep_every, model_args=run.model.build_args)
     barrier(run.env)
