@@ -16,19 +16,23 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 depth=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').model.depth)")
 steps=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').train.steps)")
 GRID=(--preset "$PRESET" --backbones preset --variants nrdm --depths "$depth" --gammas 0 --seeds 0 1 2
-      --steps "$steps" --eval-n 500 --eval-points 4 --no-progress --shard "$SHARD")
+      --steps "$steps" --eval-n 500 --eval-points 4 --no-progress)
 declare -A OPTIONS=(
   [plain]=""
   [min-snr]="diffusion.min_snr_gamma=5"
   [logit-normal]="diffusion.timestep_sampling=logit-normal"
   [cosine]="train.lr_schedule=cosine"
 )
+# 3 seeds over N processes leave the first process the extra cells of every arm; the k-th arm starts
+# its shards at process k instead, so the extra cells go round the processes
+shard_index=${SHARD%/*} shard_count=${SHARD#*/} k=0
 for name in plain min-snr logit-normal cosine; do
   sets=()
   [[ -n "${OPTIONS[$name]}" ]] && sets=(--set "${OPTIONS[$name]}")
   out="$OUT/$PRESET-$name"
   [[ $name == plain ]] && out=${PLAIN_OUT:-$out}
-  nrdm lab image --out "$out" "${GRID[@]}" "${sets[@]}"
+  nrdm lab image --out "$out" "${GRID[@]}" "${sets[@]}" --shard "$(( (shard_index + k) % shard_count ))/$shard_count"
+  k=$((k + 1))
 done
 # the options against the plain loss, paired by seed (table and plot; on the cells finished so far)
 arms=(--arm "plain=${PLAIN_OUT:-$OUT/$PRESET-plain}/results.jsonl")
