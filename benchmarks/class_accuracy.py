@@ -1,12 +1,13 @@
 """Class-conditional accuracy of a trained run: a small CNN trained on the run's dataset (train
 split minus a held-out part) classifies `--n` samples generated for known labels.
 
-    python benchmarks/class_accuracy.py runs/digits [--n 100] [--steps 25] [--cfg 2.0]
+    python benchmarks/class_accuracy.py runs/digits [--n 100] [--steps 25] [--cfg 2.0] [--json out.json]
 
 Prints the classifier's accuracy on held-out real images (its ceiling) and on the samples.
 """
 import argparse
 from dataclasses import replace
+import json
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def main():
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     cfg, model, schedule, ckpt = load_run(Path(args.run))
@@ -49,6 +51,10 @@ def main():
     print(f"samples: {args.n} from {ckpt} ({sampler}, {steps} steps, cfg {cfg_scale}, seed {args.seed}, "
           f"{time.time() - start:.0f}s)")
     print(f"class-conditional accuracy: {acc:.3f}   per class: " + " ".join(f"{a:.1f}" for a in per_class))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"class_accuracy": acc, "per_class": per_class, "real_accuracy": real_acc, "n": args.n,
+             "sampler": sampler, "steps": steps, "cfg": cfg_scale, "seed": args.seed, "checkpoint": str(ckpt)}, indent=2))
 
 
 if __name__ == "__main__":
