@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's table of the three CPU presets, measured in one run (opt-in; about 30 minutes on an
-# idle 2-core machine): the quickstart (`digits`, conv U-Net) trains alone on all cores, then the two
+# The README's table of the three CPU presets, measured in one run (opt-in; about 50 minutes on an
+# idle 2-core machine, 17 of them training, which alone needs the machine idle): the quickstart (`digits`, conv U-Net) trains alone on all cores, then the two
 # transformer presets (`digits-flow`, `digits-uvit`) train side by side, one thread each. Each run is
 # then scored at the preset's guidance and at guidance 3: domain-network FID, recall and the rest from
 # `nrdm eval --n 500 --sampler ddpm --steps 250`, and class accuracy from benchmarks/class_accuracy.py
