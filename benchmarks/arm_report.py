@@ -70,7 +70,8 @@ def main() -> None:
 
     fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, rows in arms.items():
-        style = dict(marker="o", capsize=3, ls="-" if name == reference else "--", label=f"{name}, {len(rows)} seed{'' if len(rows) == 1 else 's'}")
+        seeds = f"{len(rows)} seed{'' if len(rows) == 1 else 's'}"
+        style = dict(marker="o", capsize=3, ls="-" if name == reference else "--", label=f"{name}, {seeds}")
         for ax, field in ((ax_fid, "quality"), (ax_acc, "class_accuracy")):
             points = curve_points(rows, field)
             ax.errorbar([p["step"] for p in points], [p["mean"] for p in points], [p["std"] for p in points], **style)

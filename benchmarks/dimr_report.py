@@ -60,7 +60,8 @@ def main() -> None:
     fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, points in curves.items():
         share = [p["step"] / budgets[name] for p in points]
-        style = dict(marker="o", ls="--" if name.startswith("DiMR,") else "-", capsize=3, label=f"{name}, {len(arms[name])} seed{'' if len(arms[name]) == 1 else 's'}")
+        seeds = f"{len(arms[name])} seed{'' if len(arms[name]) == 1 else 's'}"
+        style = dict(marker="o", ls="--" if name.startswith("DiMR,") else "-", capsize=3, label=f"{name}, {seeds}")
         ax_fid.errorbar(share, [p["fid"] for p in points], [p["fid_std"] for p in points], **style)
         ax_acc.errorbar(share, [p["acc"] for p in points], [p["acc_std"] for p in points], **style)
     floor = arms["flow (digits-flow)"][0]["quality_floor"] if arms["flow (digits-flow)"] else None
