@@ -52,9 +52,9 @@ def main():
           f"{time.time() - start:.0f}s)")
     print(f"class-conditional accuracy: {acc:.3f}   per class: " + " ".join(f"{a:.1f}" for a in per_class))
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"class_accuracy": acc, "per_class": per_class, "real_accuracy": real_acc, "n": args.n,
-             "sampler": sampler, "steps": steps, "cfg": cfg_scale, "seed": args.seed, "checkpoint": str(ckpt)}, indent=2))
+        figures = {"class_accuracy": acc, "per_class": per_class, "real_accuracy": real_acc, "n": args.n,
+                   "sampler": sampler, "steps": steps, "cfg": cfg_scale, "seed": args.seed, "checkpoint": str(ckpt)}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
