@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The README's table of the three CPU presets, measured in one run (opt-in; about 50 minutes on an
-# idle 2-core machine, 17 of them training, which alone needs the machine idle): the quickstart (`digits`, conv U-Net) trains alone on all cores, then the two
-# transformer presets (`digits-flow`, `digits-uvit`) train side by side, one thread each. Each run is
-# then scored at the preset's guidance and at guidance 3: domain-network FID, recall and the rest from
+# idle 2-core machine, 17 of them training, the only part that needs the machine idle). The quickstart
+# (`digits`, conv U-Net) trains alone on all cores, then the two transformer presets (`digits-flow`,
+# `digits-uvit`) train side by side, one thread each. Each run is then scored at the preset's guidance
+# and at guidance 3: domain-network FID, recall and the rest from
 # `nrdm eval --n 500 --sampler ddpm --steps 250`, and class accuracy from benchmarks/class_accuracy.py
-# (n = 500, the preset's sampler). Wall-clock figures are only as good as the machine is idle.
-#   bash benchmarks/cpu_presets.sh [OUT]                    # OUT: runs/cpu-presets; must not exist
-#   SMOKE=1 bash benchmarks/cpu_presets.sh /tmp/presets     # 20 steps, n = 50, 1 classifier epoch: checks the script only
+# (n = 500, the preset's sampler). Run it without OMP_NUM_THREADS set.
+#   bash benchmarks/cpu_presets.sh [OUT]                  # OUT: runs/cpu-presets; must not exist
+#   SMOKE=1 bash benchmarks/cpu_presets.sh /tmp/presets   # 20 steps, n = 50, 1 classifier epoch: a check
 set -euo pipefail
 OUT=${1:-runs/cpu-presets}
 HERE=$(dirname "$0")
@@ -23,7 +24,8 @@ for preset in digits digits-flow digits-uvit; do
   for guidance in preset 3; do
     cfg=() tag=$guidance
     [[ $guidance == 3 ]] && cfg=(--cfg 3)
-    nrdm eval "$OUT/$preset" --n "$N" --sampler ddpm --steps 250 "${cfg[@]}" --json "$OUT/$preset/eval-$tag.json" > /dev/null
+    nrdm eval "$OUT/$preset" --n "$N" --sampler ddpm --steps 250 "${cfg[@]}" \
+      --json "$OUT/$preset/eval-$tag.json" > /dev/null
     python "$HERE/class_accuracy.py" "$OUT/$preset" --n "$N" "${cfg[@]}" "${CLASSIFIER[@]}" \
       --json "$OUT/$preset/accuracy-$tag.json" > /dev/null
   done
