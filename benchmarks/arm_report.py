@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from nrdm.config import load_config  # noqa: E402
 from nrdm.lab.compare import paired_ratios, verdict  # noqa: E402
 from nrdm.lab.grid import load_results  # noqa: E402
-from nrdm.lab.plots import curve_points, finish_quality_and_accuracy  # noqa: E402
+from nrdm.lab.plots import curve_points, finish_quality_and_accuracy, seed_count  # noqa: E402
 
 
 def arm(path: Path, preset: str, variant: str, depth: int, label: str, reference: bool) -> list[dict]:
@@ -70,8 +70,8 @@ def main() -> None:
 
     fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, rows in arms.items():
-        seeds = f"{len(rows)} seed{'' if len(rows) == 1 else 's'}"
-        style = dict(marker="o", capsize=3, ls="-" if name == reference else "--", label=f"{name}, {seeds}")
+        style = dict(marker="o", capsize=3, ls="-" if name == reference else "--",
+                     label=f"{name}, {seed_count(len(rows))}")
         for ax, field in ((ax_fid, "quality"), (ax_acc, "class_accuracy")):
             points = curve_points(rows, field)
             ax.errorbar([p["step"] for p in points], [p["mean"] for p in points], [p["std"] for p in points], **style)

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nrdm.lab.grid import load_results  # noqa: E402
-from nrdm.lab.plots import curve_points, finish_quality_and_accuracy  # noqa: E402
+from nrdm.lab.plots import curve_points, finish_quality_and_accuracy, seed_count  # noqa: E402
 
 
 def cells(path: str, preset: str, variant: str | None = None, depth: int | None = None) -> list[dict]:
@@ -60,8 +60,8 @@ def main() -> None:
     fig, (ax_fid, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, points in curves.items():
         share = [p["step"] / budgets[name] for p in points]
-        seeds = f"{len(arms[name])} seed{'' if len(arms[name]) == 1 else 's'}"
-        style = dict(marker="o", ls="--" if name.startswith("DiMR,") else "-", capsize=3, label=f"{name}, {seeds}")
+        style = dict(marker="o", ls="--" if name.startswith("DiMR,") else "-", capsize=3,
+                     label=f"{name}, {seed_count(len(arms[name]))}")
         ax_fid.errorbar(share, [p["fid"] for p in points], [p["fid_std"] for p in points], **style)
         ax_acc.errorbar(share, [p["acc"] for p in points], [p["acc_std"] for p in points], **style)
     floor = arms["flow (digits-flow)"][0]["quality_floor"] if arms["flow (digits-flow)"] else None

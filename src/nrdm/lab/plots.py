@@ -146,7 +146,7 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
                     steps = sorted(by_step)
                     stats = [mean_std(by_step[s]) for s in steps]
                     m, sd = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
-                    ax.plot(steps, m, "o-", color=colors[v], label=f"{v} ({len(rs)} seed{'' if len(rs) == 1 else 's'})")
+                    ax.plot(steps, m, "o-", color=colors[v], label=f"{v} ({seed_count(len(rs))})")
                     ax.fill_between(steps, m - sd, m + sd, color=colors[v], alpha=0.2)
         if math.isfinite(floor):
             axes[0].axhline(floor, ls="--", color="gray", label="real vs real")
@@ -258,6 +258,11 @@ def _plot_setting(plt, records, setting, variants, colors, out_dir: Path) -> lis
                title=f"{setting}: gates vs diffusion time (depth {deepest})")
         written.append(_save(fig, out_dir / f"{setting}_gates_vs_time.png"))
     return written
+
+
+def seed_count(n: int) -> str:
+    """'1 seed', '3 seeds': how many seeds a plotted mean is over, for legends."""
+    return f"{n} seed{'' if n == 1 else 's'}"
 
 
 def curve_points(records: list[dict], y_field: str, x_field: str = "step") -> list[dict]:
