@@ -6,17 +6,19 @@
 #   bash benchmarks/training_options.sh digits-flow        # plain, min-snr, logit-normal, cosine
 #   SHARD=0/2 bash benchmarks/training_options.sh digits-uvit & SHARD=1/2 bash ...   # 2 processes
 # The plain arm is the preset itself, exactly what the depth study's converged grid trains for nrdm at the
-# preset's depth (same steps, seeds and evaluation points): PLAIN_OUT=runs/depth-study/converged reuses
-# those finished cells instead of training them again.
+# preset's depth (same seeds and evaluation): PLAIN_OUT=runs/depth-study/converged reports those finished
+# cells as the plain arm instead of training it. STEPS (default: the preset's) and EVAL_POINTS (4) set a
+# shorter budget: with the constant lr, a plain cell's first STEPS steps are exactly a STEPS-step run, so
+# longer plain cells still pair at the shared evaluation steps (STEPS=750 EVAL_POINTS=2: 375 and 750).
 set -euo pipefail
 PRESET=${1:-digits-flow}
 OUT=${OUT:-runs/options}
 SHARD=${SHARD:-0/1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 depth=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').model.depth)")
-steps=$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').train.steps)")
+steps=${STEPS:-$(python -c "from nrdm.config import load_config; print(load_config('$PRESET').train.steps)")}
 GRID=(--preset "$PRESET" --backbones preset --variants nrdm --depths "$depth" --gammas 0 --seeds 0 1 2
-      --steps "$steps" --eval-n 500 --eval-points 4 --no-progress)
+      --steps "$steps" --eval-n 500 --eval-points "${EVAL_POINTS:-4}" --no-progress)
 declare -A OPTIONS=(
   [plain]=""
   [min-snr]="diffusion.min_snr_gamma=5"
@@ -30,7 +32,7 @@ for name in plain min-snr logit-normal cosine; do
   sets=()
   [[ -n "${OPTIONS[$name]}" ]] && sets=(--set "${OPTIONS[$name]}")
   out="$OUT/$PRESET-$name"
-  [[ $name == plain ]] && out=${PLAIN_OUT:-$out}
+  if [[ $name == plain && -n "${PLAIN_OUT:-}" ]]; then k=$((k + 1)); continue; fi
   nrdm lab image --out "$out" "${GRID[@]}" "${sets[@]}" --shard "$(( (shard_index + k) % shard_count ))/$shard_count"
   k=$((k + 1))
 done
