@@ -159,6 +159,24 @@ def test_cells_sample_with_the_study_protocol_whatever_the_preset_default(monkey
         ImageCell("digits", "preset", "nrdm", 2, 0.0, 0, overrides=("sample.sampler=heun",)).config()
 
 
+def test_cells_train_the_plain_loss_unless_an_override_asks_for_an_option(monkeypatch):
+    """A preset whose recipe has a faster loss (Min-SNR weights, logit-normal steps) still trains
+    the study's plain loss in a cell, so the residual forms stay compared under one loss; a --set
+    of those keys is the user's and measures the option."""
+    import nrdm.lab.image as image_lab
+
+    def preset_with_a_faster_loss(name, overrides=()):
+        return load_config(name, ["diffusion.min_snr_gamma=5", "diffusion.timestep_sampling=logit-normal",
+                                  *overrides])
+
+    monkeypatch.setattr(image_lab, "load_config", preset_with_a_faster_loss)
+    for backbone in ("preset", "flow"):
+        plain = ImageCell("digits", backbone, "nrdm", 2, 0.0, 0).config().diffusion
+        assert (plain.min_snr_gamma, plain.timestep_sampling) == (0, "uniform")
+    option = ImageCell("digits", "preset", "nrdm", 2, 0.0, 0, overrides=("diffusion.min_snr_gamma=3",))
+    assert (option.config().diffusion.min_snr_gamma, option.config().diffusion.timestep_sampling) == (3, "uniform")
+
+
 def test_preset_cells_keep_the_presets_model_and_recipe():
     """backbone "preset": the preset's model (here the quickstart's conv U-Net) and lr, with the
     cell's variant and depth; the key names the preset, not a width or patch size."""

@@ -31,6 +31,10 @@ from nrdm.lab.grid import DIVERGENCE_FACTOR
 STUDY_SAMPLING = dict(sampler="dpm++2m", spacing="uniform", guidance_interval=None, cfg_rescale=0.0,
                       cache_interval=1, precision="fp32", compile=False)
 STUDY_SAMPLE_STEPS = {"preset": 25, "proxy": 20}     # preset cells; narrow proxy transformers
+# The study's loss: the plain eps-MSE with uniformly drawn steps, whatever a preset's recipe, so that the
+# residual forms stay compared under the loss the study ran with when a preset adopts a faster one
+# (docs/training-options.md). Unlike the sampler these are the user's keys: `--set` measures an option.
+STUDY_LOSS = ("diffusion.min_snr_gamma=0", "diffusion.timestep_sampling=uniform")
 # a cell checkpoints this many times per evaluation interval, so that a study process killed (a session's
 # end, a preempted node) loses at most a sixteenth of a 4-evaluation cell rather than a quarter
 CHECKPOINTS_PER_EVALUATION = 4
@@ -59,7 +63,8 @@ class ImageCell:
     settings, with penalty weight `gamma`. backbone "preset" keeps the preset's whole model and
     training recipe (lr schedule, warm-up, EMA, guidance scale) and changes only its variant and depth
     (model.depth: blocks of a transformer, units per level of a U-Net); width, heads and
-    patch_size are then unused."""
+    patch_size are then unused. Every cell trains the plain loss (STUDY_LOSS) unless `overrides`
+    set an option."""
 
     preset: str
     backbone: str
@@ -95,7 +100,7 @@ class ImageCell:
                      "the model from --width/--depth/--heads/--patch-size/--variants")
             raise ValueError(f"{taken}: the lab sets these keys itself ({model}, training from --steps/--batch-size/"
                              f"--lr/--seeds/--gammas, the evaluation sampler from the study protocol)")
-        cfg = load_config(self.preset, list(self.overrides))
+        cfg = load_config(self.preset, [*STUDY_LOSS, *self.overrides])     # later overrides win
         if self.backbone == "preset":
             cfg.model = dataclasses.replace(cfg.model, depth=self.depth, variant=self.variant)
             recipe = dict(lr=cfg.train.lr, batch_size=cfg.train.batch_size)
