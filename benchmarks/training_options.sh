@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The training options against the plain loss at equal steps, 3 seeds, on the transformer presets
-# (opt-in; 35-45 CPU-minutes per run on this 2-core machine). Each option is its own lab grid, so each has its own
-# summary (FID and class accuracy, mean +- std over seeds) in runs/options/<preset>-<option>/, and at the end
-# benchmarks/arm_report.py compares each option with the plain loss seed by seed (runs/options/options-<preset>-nrdm.png).
-#   bash benchmarks/training_options.sh digits-flow        # plain, min-snr, logit-normal, cosine
-#   SHARD=0/2 bash benchmarks/training_options.sh digits-uvit & SHARD=1/2 bash ...   # 2 processes
-# The plain arm is the preset itself, exactly what the depth study's converged grid trains for nrdm at the
-# preset's depth (same seeds and evaluation): PLAIN_OUT=runs/depth-study/converged reports those finished
+# (opt-in; 12-15 CPU-minutes per 600-750-step cell on this 2-core machine). Each option is its own lab grid, so each
+# has its own summary (FID and class accuracy, mean +- std over seeds) in runs/options/<preset>-<option>/, and at the
+# end benchmarks/arm_report.py compares each option with the plain loss seed by seed
+# (runs/options/options-<preset>-nrdm.png). The lab trains the plain loss unless --set asks for an option, so the
+# plain arm stays plain now that the presets train with Min-SNR-gamma. docs/training-options.md's grids:
+#   STEPS=750 EVAL_POINTS=2 PLAIN_OUT=runs/depth-study/converged bash benchmarks/training_options.sh digits-flow
+#   STEPS=600 EVAL_POINTS=2 SHARD=0/2 bash benchmarks/training_options.sh digits-uvit & SHARD=1/2 ...  # 2 processes
+# The plain arm is the preset's model and recipe with the plain loss, exactly what the depth study's converged
+# grid trains for nrdm at the preset's depth (same seeds and evaluation): PLAIN_OUT=runs/depth-study/converged reports those finished
 # cells as the plain arm instead of training it. STEPS (default: the preset's) and EVAL_POINTS (4) set a
 # shorter budget: with the constant lr, a plain cell's first STEPS steps are exactly a STEPS-step run, so
 # longer plain cells still pair at the shared evaluation steps (STEPS=750 EVAL_POINTS=2: 375 and 750).
