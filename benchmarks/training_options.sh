@@ -8,8 +8,8 @@
 #   STEPS=750 EVAL_POINTS=2 PLAIN_OUT=runs/depth-study/converged bash benchmarks/training_options.sh digits-flow
 #   STEPS=600 EVAL_POINTS=2 SHARD=0/2 bash benchmarks/training_options.sh digits-uvit & SHARD=1/2 ...  # 2 processes
 # The plain arm is the preset's model and recipe with the plain loss, exactly what the depth study's converged
-# grid trains for nrdm at the preset's depth (same seeds and evaluation): PLAIN_OUT=runs/depth-study/converged reports those finished
-# cells as the plain arm instead of training it. STEPS (default: the preset's) and EVAL_POINTS (4) set a
+# grid trains for nrdm at the preset's depth (same seeds and evaluation): PLAIN_OUT=runs/depth-study/converged
+# reports those finished cells as the plain arm instead of training it. STEPS (default: the preset's) and EVAL_POINTS (4) set a
 # shorter budget: with the constant lr, a plain cell's first STEPS steps are exactly a STEPS-step run, so
 # longer plain cells still pair at the shared evaluation steps (STEPS=750 EVAL_POINTS=2: 375 and 750).
 set -euo pipefail
