@@ -217,7 +217,7 @@ def test_min_snr_weight_closed_form(prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_loss_is_the_weighted_mse(prediction):
     """Weighting on: the per-sample MSE times the weight, averaged. Off (0): today's plain mean,
-    bit for bit."""
+    bit for bit. The logged mse stays the plain mean either way, so runs compare."""
     model, (x0, labels) = tiny_model(), batch()
     schedule = VPSchedule("linear", prediction=prediction)
     draws = NoiseDraws.sample(x0.shape, 1000, 0.0, torch.Generator().manual_seed(3))
@@ -225,10 +225,11 @@ def test_min_snr_loss_is_the_weighted_mse(prediction):
     err = (model(xt, draws.t, labels) - schedule.target(x0, draws.t, draws.noise)).pow(2)
     plain = diffusion_loss(model, x0, labels, schedule, LossConfig(label_drop=0.0), draws=draws).loss
     assert torch.equal(plain, err.mean())
-    weighted = diffusion_loss(model, x0, labels, schedule, LossConfig(label_drop=0.0, min_snr_gamma=5.0),
-                              draws=draws).loss
+    out = diffusion_loss(model, x0, labels, schedule, LossConfig(label_drop=0.0, min_snr_gamma=5.0), draws=draws)
+    weighted = out.loss
     torch.testing.assert_close(weighted, (err.flatten(1).mean(1) * schedule.min_snr_weight(draws.t, 5.0)).mean())
     assert not torch.allclose(weighted, plain)
+    assert torch.equal(out.mse, err.mean()) and not out.mse.requires_grad
 
 
 def test_logit_normal_steps_follow_their_density():

@@ -82,7 +82,8 @@ def tiny_sigma_model(learn_sigma=True):
 
 
 def test_hybrid_loss_trains_only_the_variance_through_the_bound():
-    """vlb_weight = 0 is the plain loss exactly; the bound's gradient reaches the variance channels
+    """vlb_weight = 0 is the plain loss exactly (and the hybrid loss logs that plain MSE as its mse);
+    the bound's gradient reaches the variance channels
     and not the prediction channels (the mean is detached), so the prediction channels' gradient
     is the same with and without the bound."""
     model, s = tiny_sigma_model(), VPSchedule("linear")
@@ -97,12 +98,14 @@ def test_hybrid_loss_trains_only_the_variance_through_the_bound():
     handle = model.register_forward_hook(keep)
     plain = diffusion_loss(model, x0, y, s, LossConfig(), draws=draws).loss
     plain.backward()
-    hybrid = diffusion_loss(model, x0, y, s, LossConfig(vlb_weight=1.0), draws=draws).loss
+    hybrid_out = diffusion_loss(model, x0, y, s, LossConfig(vlb_weight=1.0), draws=draws)
+    hybrid = hybrid_out.loss
     hybrid.backward()
     handle.remove()
     mse_only = ((outputs[0][:, :1] - draws.noise) ** 2).mean()
     assert torch.equal(plain, mse_only)
     assert hybrid > plain
+    assert torch.equal(hybrid_out.mse, plain.detach())     # the logged MSE leaves the bound out
     torch.testing.assert_close(outputs[1].grad[:, :1], outputs[0].grad[:, :1])
     assert torch.equal(outputs[0].grad[:, 1:], torch.zeros_like(outputs[0].grad[:, 1:]))
     assert outputs[1].grad[:, 1:].abs().sum() > 0

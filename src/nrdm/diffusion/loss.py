@@ -66,7 +66,8 @@ class LossConfig:
 @dataclass
 class LossOutput:
     loss: torch.Tensor                    # scalar to backpropagate
-    mse: torch.Tensor                     # denoising term (detached)
+    mse: torch.Tensor                     # plain (unweighted) MSE of the prediction (detached): comparable across
+                                          # runs whatever Min-SNR weighting, VLB term or penalty `loss` carries
     penalty: torch.Tensor | None = None   # sensitivity term before gamma (detached), None when off
     tracer: UnitTracer | None = None      # with diagnostics=True: call .diagnostics() after backward
 
@@ -146,13 +147,15 @@ class NoiseDraws:
 
 
 def _mse(out: torch.Tensor, target: torch.Tensor, schedule: VPSchedule, t: torch.Tensor,
-         min_snr_gamma: float) -> torch.Tensor:
-    """The denoising term: the plain mean of squared errors, or with min_snr_gamma > 0 each
-    sample's mean weighted by Min-SNR-gamma (VPSchedule.min_snr_weight)."""
+         min_snr_gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the denoising term, the plain MSE, detached). The term is the plain mean of squared errors,
+    or with min_snr_gamma > 0 each sample's mean weighted by Min-SNR-gamma
+    (VPSchedule.min_snr_weight); the plain MSE is what the log reports either way."""
     err = (out.float() - target.float()).pow(2)
+    plain = err.mean()
     if not min_snr_gamma:
-        return err.mean()
-    return (err.flatten(1).mean(1) * schedule.min_snr_weight(t, min_snr_gamma)).mean()
+        return plain, plain.detach()
+    return (err.flatten(1).mean(1) * schedule.min_snr_weight(t, min_snr_gamma)).mean(), plain.detach()
 
 
 def branch_target(target: torch.Tensor, size: int) -> torch.Tensor:
@@ -166,21 +169,22 @@ def branch_target(target: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, condition,
-                   target: torch.Tensor, schedule: VPSchedule, config: LossConfig) -> torch.Tensor:
-    """E w(n) ||F(x_n, n) - target||^2; with branch_weights (multi-resolution loss, DiMR),
-    sum_r w_r E w(n) ||F_r(x_n, n) - target_r||^2 over the branches r of a multires backbone; with
-    vlb_weight (the hybrid loss), + vlb_weight E L_n of the learned variance, the mean's gradient
-    stopped (nrdm.diffusion.variance.vlb_term)."""
+                   target: torch.Tensor, schedule: VPSchedule, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective, plain MSE detached). The objective is E w(n) ||F(x_n, n) - target||^2; with
+    branch_weights (multi-resolution loss, DiMR), sum_r w_r E w(n) ||F_r(x_n, n) - target_r||^2 over
+    the branches r of a multires backbone; with vlb_weight (the hybrid loss), + vlb_weight E L_n of
+    the learned variance, the mean's gradient stopped (nrdm.diffusion.variance.vlb_term). The plain
+    MSE is the same sum with w(n) = 1 and without the VLB term."""
     if config.branch_weights is None:
         prediction, variance = split_output(model, model(xt, t, condition))
-        mse = _mse(prediction, target, schedule, t, config.min_snr_gamma)
+        mse, plain = _mse(prediction, target, schedule, t, config.min_snr_gamma)
         if not config.vlb_weight:
-            return mse
+            return mse, plain
         if variance is None:
             raise ValueError("diffusion.vlb_weight > 0 trains a learned variance, but the model has none: set "
                              "model.learn_sigma: true (flow backbone) or diffusion.vlb_weight: 0")
         x0_pred = schedule.to_x0(prediction.detach(), xt, t)
-        return mse + config.vlb_weight * vlb_term(x0, xt, x0_pred, variance, t, schedule.alphas_cumprod).mean()
+        return mse + config.vlb_weight * vlb_term(x0, xt, x0_pred, variance, t, schedule.alphas_cumprod).mean(), plain
     if config.vlb_weight:
         raise ValueError("diffusion.vlb_weight (learned variance) and diffusion.branch_weights (multi-resolution "
                          "loss) do not combine: the multires backbone has no variance output")
@@ -188,8 +192,9 @@ def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torc
     if len(predictions) != len(config.branch_weights):
         raise ValueError(f"diffusion.branch_weights has {len(config.branch_weights)} entries for a model with "
                          f"{len(predictions)} branches: give one weight per branch, coarse to fine")
-    return sum(w * _mse(p, branch_target(target, p.shape[-1]), schedule, t, config.min_snr_gamma)
-               for w, p in zip(config.branch_weights, predictions))
+    terms = [_mse(p, branch_target(target, p.shape[-1]), schedule, t, config.min_snr_gamma) for p in predictions]
+    return (sum(w * mse for w, (mse, _) in zip(config.branch_weights, terms)),
+            sum(w * plain for w, (_, plain) in zip(config.branch_weights, terms)))
 
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, condition, schedule: VPSchedule,
@@ -214,8 +219,8 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, condition, schedule: VPSc
     xt = schedule.add_noise(x0, t, noise)
     target = schedule.target(x0, t, noise)
     if config.gamma == 0 and not diagnostics:
-        mse = denoising_term(model, x0, xt, t, condition, target, schedule, config)
-        return LossOutput(mse, mse.detach())
+        objective, mse = denoising_term(model, x0, xt, t, condition, target, schedule, config)
+        return LossOutput(objective, mse)
 
     units = gated_units(model)
     penalized = []
@@ -224,10 +229,10 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, condition, schedule: VPSc
         penalized = [units[i] for i in pick]
     with UnitTracer(model, units=units if diagnostics else penalized, keep_inputs=penalized,
                     stats=diagnostics) as tracer:
-        mse = denoising_term(model, x0, xt, t, condition, target, schedule, config)
+        objective, mse = denoising_term(model, x0, xt, t, condition, target, schedule, config)
     if not penalized:
-        return LossOutput(mse, mse.detach(), tracer=tracer)
+        return LossOutput(objective, mse, tracer=tracer)
     gather_sharded_parameters(model, penalized)
     penalty = sensitivity_penalty(tracer.kept, len(units), config.probe, draws.probe_seeds)
-    return LossOutput(mse + config.gamma * penalty, mse.detach(), penalty.detach(),
+    return LossOutput(objective + config.gamma * penalty, mse, penalty.detach(),
                       tracer if diagnostics else None)
