@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's table of the three CPU presets, measured in one run (opt-in; about 50 minutes on an
-# idle 2-core machine, 17 of them training, the only part that needs the machine idle). The quickstart
+# The README's table of the three CPU presets, measured in one run (opt-in; at most about 50 minutes on an
+# idle 2-core machine, 12 of them training, the only part that needs the machine idle). The quickstart
 # (`digits`, conv U-Net) trains alone on all cores, then the two transformer presets (`digits-flow`,
 # `digits-uvit`) train side by side, one thread each. Each run is then scored at the preset's guidance
 # and at guidance 3: domain-network FID, recall and the rest from
