@@ -177,14 +177,14 @@ def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torc
     MSE is the same sum with w(n) = 1 and without the VLB term."""
     if config.branch_weights is None:
         prediction, variance = split_output(model, model(xt, t, condition))
-        mse, plain = _mse(prediction, target, schedule, t, config.min_snr_gamma)
+        term, plain = _mse(prediction, target, schedule, t, config.min_snr_gamma)
         if not config.vlb_weight:
-            return mse, plain
+            return term, plain
         if variance is None:
             raise ValueError("diffusion.vlb_weight > 0 trains a learned variance, but the model has none: set "
                              "model.learn_sigma: true (flow backbone) or diffusion.vlb_weight: 0")
         x0_pred = schedule.to_x0(prediction.detach(), xt, t)
-        return mse + config.vlb_weight * vlb_term(x0, xt, x0_pred, variance, t, schedule.alphas_cumprod).mean(), plain
+        return term + config.vlb_weight * vlb_term(x0, xt, x0_pred, variance, t, schedule.alphas_cumprod).mean(), plain
     if config.vlb_weight:
         raise ValueError("diffusion.vlb_weight (learned variance) and diffusion.branch_weights (multi-resolution "
                          "loss) do not combine: the multires backbone has no variance output")
@@ -193,7 +193,7 @@ def denoising_term(model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torc
         raise ValueError(f"diffusion.branch_weights has {len(config.branch_weights)} entries for a model with "
                          f"{len(predictions)} branches: give one weight per branch, coarse to fine")
     terms = [_mse(p, branch_target(target, p.shape[-1]), schedule, t, config.min_snr_gamma) for p in predictions]
-    return (sum(w * mse for w, (mse, _) in zip(config.branch_weights, terms)),
+    return (sum(w * term for w, (term, _) in zip(config.branch_weights, terms)),
             sum(w * plain for w, (_, plain) in zip(config.branch_weights, terms)))
 
 
